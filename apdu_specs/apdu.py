@@ -84,7 +84,8 @@ class ResponseApdu:
     @classmethod
     def parse(cls, raw: bytes) -> ResponseApdu:
         if len(raw) < 2:
-            raise ApduFormatError(f"response of {len(raw)} bytes has no status word", SW.NO_PRECISE_DIAGNOSIS)
+            raise ApduFormatError(f"response of {len(raw)} bytes has no status word",
+                                  SW.NO_PRECISE_DIAGNOSIS)
         return cls(raw[:-2], (raw[-2] << 8) | raw[-1])
 
     def encode(self) -> bytes:

@@ -18,7 +18,7 @@ import enum
 import os
 
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherAlgorithm, algorithms, modes
 
 
 class CryptoError(ValueError):
@@ -60,26 +60,26 @@ def _des_key(key: bytes) -> bytes:
     raise CryptoError(f"DES key must be 8 or 16 bytes, got {len(key)}")
 
 
-def _cipher(alg: Algorithm, key: bytes, mode: modes.Mode) -> Cipher[modes.Mode]:
+def _algo(alg: Algorithm, key: bytes) -> CipherAlgorithm:
     _check_supported(alg)
     if alg is Algorithm.DES3:
-        return Cipher(TripleDES(_des_key(key)), mode)
+        return TripleDES(_des_key(key))
     if len(key) != 16:
         raise CryptoError(f"SM4 key must be 16 bytes, got {len(key)}")
-    return Cipher(algorithms.SM4(key), mode)
+    return algorithms.SM4(key)
 
 
 def ecb_encrypt(alg: Algorithm, key: bytes, data: bytes) -> bytes:
     if len(data) % alg.block_size:
         raise CryptoError(f"data length {len(data)} is not a multiple of {alg.block_size}")
-    enc = _cipher(alg, key, modes.ECB()).encryptor()
+    enc = Cipher(_algo(alg, key), modes.ECB()).encryptor()
     return enc.update(data) + enc.finalize()
 
 
 def ecb_decrypt(alg: Algorithm, key: bytes, data: bytes) -> bytes:
     if len(data) % alg.block_size:
         raise CryptoError(f"data length {len(data)} is not a multiple of {alg.block_size}")
-    dec = _cipher(alg, key, modes.ECB()).decryptor()
+    dec = Cipher(_algo(alg, key), modes.ECB()).decryptor()
     return dec.update(data) + dec.finalize()
 
 
@@ -90,7 +90,7 @@ def cbc_encrypt(alg: Algorithm, key: bytes, data: bytes, iv: bytes | None = None
     iv = iv if iv is not None else bytes(bs)
     if len(iv) != bs:
         raise CryptoError(f"IV must be {bs} bytes")
-    enc = _cipher(alg, key, modes.CBC(iv)).encryptor()
+    enc = Cipher(_algo(alg, key), modes.CBC(iv)).encryptor()
     return enc.update(data) + enc.finalize()
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import construct as cs
 
 from apdu_specs import tlv
-from apdu_specs.access import FREE, NEVER, PIN, SM, Access, Key
+from apdu_specs.access import FREE, PIN, SM, Access, Key
 from apdu_specs.fields import An, Cn
 
 SSSE_AID = bytes.fromhex("7378312E73682EC9E7BBE1B1A3D5CF")  # "sx1.sh.社会保障" in GBK

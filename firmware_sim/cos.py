@@ -143,9 +143,9 @@ class Cos:
         if policy is LePolicy.EXACT:
             if apdu.le != n:
                 return _sw(status.wrong_le(n))
-        elif apdu.le is not None and apdu.le != 256 and apdu.le != n:
-            return _sw(status.wrong_le(n))
-        elif apdu.le == 256 and self.mode is ResponseMode.T0 and n != 256:
+        elif (apdu.le is not None and apdu.le not in (256, n)) or (
+            apdu.le == 256 and self.mode is ResponseMode.T0 and n != 256
+        ):
             return _sw(status.wrong_le(n))
         return data + _sw(SW.OK)
 

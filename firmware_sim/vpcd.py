@@ -13,6 +13,7 @@ re-arm TCP_QUICKACK before every read, and send each reply as a single frame.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import struct
@@ -98,10 +99,8 @@ class VpcdLink:
         with self._lock:
             sock, self._sock = self._sock, None
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             sock.close()
 
     @property

@@ -1,0 +1,1 @@
+"""sscardd's tests (a package, so that test modules in different folders may share a name)."""
