@@ -227,7 +227,8 @@ def select_aid(aid: bytes, fci: bool = True) -> CommandApdu:
 
 
 def select_fid(fid: int, p1: int = SELECT_EF) -> CommandApdu:
-    return SELECT.build(p1, SELECT_NO_FCI if p1 == SELECT_EF else 0x00, fid.to_bytes(2, "big"))
+    """SELECT by file identifier with P2 00, as readers send it (``00 A4 02 00 02 EF 05``)."""
+    return SELECT.build(p1, 0x00, fid.to_bytes(2, "big"))
 
 
 def read_record(p1: int, sfi: int, mode: int, le: int) -> CommandApdu:

@@ -223,7 +223,7 @@ def derive(alg: Algorithm, root: bytes, factors: list[bytes]) -> bytes:
 
 
 def _check_region(region: str) -> None:
-    if len(region) != 6 or not region.isdigit():
+    if len(region) != 6 or not region.isascii() or not region.isdigit():
         raise CryptoError(f"region code must be 6 digits, got {region!r}")
 
 

@@ -99,7 +99,7 @@ def card_id_auth_code(alg: crypto.Algorithm, irk_card: bytes, first12: bytes) ->
 
 
 def card_id_code(region: str, serial: bytes, auth: bytes) -> bytes:
-    if len(region) != 6 or not region.isdigit():
+    if len(region) != 6 or not region.isascii() or not region.isdigit():
         raise IdentifierError("region must be 6 digits")
     if len(serial) != 4 or len(auth) != 4:
         raise IdentifierError("serial and auth code are 4 bytes each")
@@ -132,6 +132,8 @@ class Atr:
     def for_card(cls, region: str, serial: bytes, vendor: bytes = DEFAULT_ATR_VENDOR) -> Atr:
         if len(vendor) != 7 or len(serial) != 4:
             raise IdentifierError("ATR vendor bytes are 7 and the serial 4 bytes")
+        if len(region) < 4 or not region.isascii() or not region.isdigit():
+            raise IdentifierError(f"region must be at least 4 digits, got {region!r}")
         return cls(vendor, region[:4], serial)
 
     @classmethod

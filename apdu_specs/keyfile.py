@@ -92,6 +92,8 @@ def load(path: str | Path) -> RootKeys:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise KeyFileError(f"{p}: cannot read key file: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise KeyFileError(f"{p}: key file is not UTF-8 text") from exc
     return parse(text, str(p))
 
 

@@ -100,8 +100,14 @@ def _ber_len(n: int) -> bytes:
     raise TlvError("BER length too large")
 
 
-def ber_decode(data: bytes) -> list[Ber]:
+# FCIs nest 3 levels; the bound keeps crafted input from exhausting Python's recursion limit.
+_MAX_DEPTH = 16
+
+
+def ber_decode(data: bytes, _depth: int = 0) -> list[Ber]:
     """All top-level BER-TLV nodes in ``data``; ``TlvError`` on anything malformed."""
+    if _depth > _MAX_DEPTH:
+        raise TlvError(f"BER-TLV nested deeper than {_MAX_DEPTH} levels")
     out: list[Ber] = []
     i = 0
     while i < len(data):
@@ -128,6 +134,6 @@ def ber_decode(data: bytes) -> list[Ber]:
         i += ln
         node = Ber(tag, value)
         if node.constructed:
-            node.children = ber_decode(value)
+            node.children = ber_decode(value, _depth + 1)
         out.append(node)
     return out

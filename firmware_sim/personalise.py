@@ -73,11 +73,11 @@ def _check_date(label: str, value: str) -> None:
 def _check_params(p: CardParams) -> None:
     if p.generation not in (2, 3):
         raise PersonalisationError("generation must be 2 or 3")
-    if len(p.region) != 6 or not p.region.isdigit():
+    if len(p.region) != 6 or not (p.region.isascii() and p.region.isdigit()):
         raise PersonalisationError("region must be 6 digits")
     if len(p.serial) != 4:
         raise PersonalisationError("serial must be 4 bytes")
-    if not p.pin.isdigit() or not 4 <= len(p.pin) <= 16:
+    if not (p.pin.isascii() and p.pin.isdigit()) or not 4 <= len(p.pin) <= 16:
         raise PersonalisationError("pin must be 4..16 digits")
     if not 1 <= p.pin_tries <= 15 or not 1 <= p.key_tries <= 15:
         raise PersonalisationError("tries must be 1..15")
@@ -175,13 +175,13 @@ def _personalise_df(df: DfSpec, path: str, values: dict[str, dict[int, object]],
 
 def issue_psam(roots: RootKeys, terminal_no: str = "370212000001",
                key_names: tuple[str, ...] = TERMINAL_KEYS, serial: str | None = None) -> PsamImage:
-    if len(terminal_no) != 12 or not terminal_no.isdigit():
+    if len(terminal_no) != 12 or not (terminal_no.isascii() and terminal_no.isdigit()):
         raise PersonalisationError("terminal number must be 12 digits")
     unknown = [k for k in key_names if k not in PSAM_KEY_IDS]
     if unknown:
         raise PersonalisationError(f"no PSAM key id for {unknown}")
     serial = serial or "1000" + terminal_no + "0001"
-    if len(serial) != 20 or not serial.isdigit():
+    if len(serial) != 20 or not (serial.isascii() and serial.isdigit()):
         raise PersonalisationError("PSAM serial must be 20 digits")
     keys: dict[str, dict[str, KeyEntry]] = {}
     for env, alg in (("des3", Algorithm.DES3), ("sm4", Algorithm.SM4)):

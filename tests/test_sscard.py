@@ -236,7 +236,8 @@ def test_verify_odd_length_pin() -> None:
 
 def test_change_pin(card) -> None:  # type: ignore[no-untyped-def]
     old, new = crypto.pin_to_bcd("123456"), crypto.pin_to_bcd("2468")
-    assert tx(card, b"\x80\x5e\x01\x00" + bytes((len(old) + 1 + len(new),)) + old + b"\xff" + new).sw == 0x9000
+    body = old + b"\xff" + new
+    assert tx(card, b"\x80\x5e\x01\x00" + bytes((len(body),)) + body).sw == 0x9000
     assert tx(card, "0020000003123456").sw == 0x63C2
     assert tx(card, "00200000022468").sw == 0x9000
     bad_old = crypto.pin_to_bcd("111111")
