@@ -170,10 +170,10 @@ def decrypt(alg: Algorithm, sk: bytes, data: bytes) -> bytes:
     ld = raw[0]
     if ld + 1 > len(raw):
         raise CryptoError("length byte exceeds the ciphertext")
-    rest = raw[1 + ld :]
-    if rest and (rest[0] != 0x80 or any(rest[1:])):
+    plain = raw[1 : 1 + ld]
+    if pad_enc(raw[: 1 + ld], alg.block_size) != raw:
         raise CryptoError("bad padding")
-    return raw[1 : 1 + ld]
+    return plain
 
 
 # --- §4.3 key diversification -------------------------------------------------------------------

@@ -37,11 +37,11 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # for tests.pcsc_harness, which is not installed
+    sys.path.insert(0, str(REPO_ROOT))  # for tests.pcsc_harness (floor card), which is not installed
 
 from smartcard import scard  # noqa: E402
 
-from tests.pcsc_harness import (  # noqa: E402
+from firmware_sim.lab import (  # noqa: E402
     SELECT_MF,
     VPCD_PORT,
     VPCD_READERS,
@@ -49,10 +49,10 @@ from tests.pcsc_harness import (  # noqa: E402
     PcscdUnavailable,
     PcscError,
     card_process,
-    floor_card_argv,
     pcsc_context,
     wait_card_state,
 )
+from tests.pcsc_harness import floor_card_argv  # noqa: E402
 
 READER = VPCD_READERS[0]
 SELECT_SSSE = bytes.fromhex("00A404000F7378312E73682EC9E7BBE1B1A3D5CF")

@@ -1,4 +1,4 @@
-"""Shared fixtures: a real pcscd with the vpcd driver (see ``tests/pcsc_harness.py``).
+"""Shared fixtures: a real pcscd with the vpcd driver (see ``firmware_sim/lab.py``).
 
 - ``pcscd`` (session): a running pcscd listing "Virtual PCD 00 00" and "… 00 01". One that
   already runs is used as is (``pcscd.owned`` is False); otherwise one is started (root only) and
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.pcsc_harness import Pcscd, PcscdUnavailable
+from firmware_sim.lab import Pcscd, PcscdUnavailable
 
 _PCSCD_FIXTURES = {"pcscd", "own_pcscd"}
 
