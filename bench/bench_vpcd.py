@@ -1,6 +1,7 @@
 """APDU round trips through real pcscd + vpcd: our emulator against the floor and vicc.
 
-One run measures, one after the other on vpcd slot 0 (port 35963, reader "Virtual PCD 00 00"):
+One run measures, one after the other on vpcd slot 0 (port 35963, reader "Virtual PCD 00 00"),
+floor and ours alternating for ``--rounds`` rounds (figures are medians over rounds):
 
 - ``floor``: ``bench/floor_card.py``, every APDU answered with 90 00 over the emulator's own vpcd
   link; what PC/SC + pcscd + vpcd + the socket cost.
@@ -35,13 +36,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # for tests.pcsc_harness (floor card), which is not installed
+from smartcard import scard
 
-from smartcard import scard  # noqa: E402
-
-from firmware_sim.lab import (  # noqa: E402
+from firmware_sim.lab import (
     SELECT_MF,
     VPCD_PORT,
     VPCD_READERS,
@@ -52,7 +49,13 @@ from firmware_sim.lab import (  # noqa: E402
     pcsc_context,
     wait_card_state,
 )
-from tests.pcsc_harness import floor_card_argv  # noqa: E402
+
+FLOOR_CARD = Path(__file__).resolve().parent / "floor_card.py"
+
+
+def floor_card_argv(port: int = VPCD_PORT) -> list[str]:
+    """The floor card: every APDU answered 90 00 through the emulator's own vpcd link."""
+    return [sys.executable, str(FLOOR_CARD), "--vpcd", f"127.0.0.1:{port}"]
 
 READER = VPCD_READERS[0]
 SELECT_SSSE = bytes.fromhex("00A404000F7378312E73682EC9E7BBE1B1A3D5CF")
@@ -228,7 +231,7 @@ def ours_argv(workdir: Path) -> list[str]:
     image = workdir / "card.img"
     try:
         done = subprocess.run(
-            [str(emu), "issue", "--out", str(image), "--generation", "2"],
+            [str(emu), "issue", "--force", "--out", str(image), "--generation", "2"],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -276,6 +279,49 @@ def _ratio(a: PeerResult | None, b: PeerResult | None, label: str) -> float | No
     if a is None or b is None or label not in a.timings or label not in b.timings:
         return None
     return a.timings[label].p50_ms / b.timings[label].p50_ms
+
+
+def _median_ratio(rounds: list[dict[str, PeerResult]], a: str, b: str, label: str) -> float | None:
+    """Median over rounds of a/b; a peer measured in one round only pairs with every round."""
+    a_runs = [r[a] for r in rounds if a in r]
+    b_runs = [r[b] for r in rounds if b in r]
+    if len(a_runs) == len(b_runs):
+        pairs = list(zip(a_runs, b_runs, strict=True))
+    else:
+        pairs = [(x, y) for x in a_runs for y in b_runs]
+    values = [v for x, y in pairs if (v := _ratio(x, y, label)) is not None]
+    return statistics.median(values) if values else None
+
+
+def merge_rounds(rounds: list[dict[str, PeerResult]]) -> dict[str, PeerResult]:
+    """One result per peer: each timing is the median of its per-round figures."""
+    merged: dict[str, PeerResult] = {}
+    for r in rounds:
+        for name, res in r.items():
+            merged.setdefault(name, PeerResult(name=name, status=res.status, reason=res.reason))
+            if res.status != "ok":
+                merged[name].status, merged[name].reason = res.status, res.reason
+    for name, out in merged.items():
+        labels = {label for r in rounds if name in r for label in r[name].timings}
+        for label in sorted(labels, key=lambda lb: list(_first(rounds, name).timings).index(lb)):
+            ts = [r[name].timings[label] for r in rounds if name in r and label in r[name].timings]
+            out.timings[label] = Timing(
+                label=label,
+                apdu=ts[0].apdu,
+                n=sum(t.n for t in ts),
+                p50_ms=statistics.median(t.p50_ms for t in ts),
+                p99_ms=statistics.median(t.p99_ms for t in ts),
+                mean_ms=statistics.median(t.mean_ms for t in ts),
+                min_ms=min(t.min_ms for t in ts),
+                max_ms=max(t.max_ms for t in ts),
+                sw=ts[0].sw,
+                non_9000=sum(t.non_9000 for t in ts),
+            )
+    return merged
+
+
+def _first(rounds: list[dict[str, PeerResult]], name: str) -> PeerResult:
+    return next(r[name] for r in rounds if name in r)
 
 
 def print_report(results: list[PeerResult], ratios: dict[str, float | None]) -> None:
@@ -344,11 +390,18 @@ def main(argv: list[str] | None = None) -> int:
         default="floor,ours,vicc",
         help="comma-separated subset of floor,ours,vicc (default all)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        metavar="R",
+        help="floor and ours run alternately R times; figures are medians over rounds (default 3)",
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
     args = parser.parse_args(argv)
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     unknown = set(peers) - {"floor", "ours", "vicc"}
-    if unknown or args.iterations < 1 or args.vicc_iterations < 1 or args.warmup < 0:
+    if unknown or min(args.iterations, args.vicc_iterations, args.rounds) < 1 or args.warmup < 0:
         parser.error(f"bad --peers {sorted(unknown)}" if unknown else "counts must be positive")
     signal.signal(signal.SIGTERM, _terminate)
 
@@ -361,54 +414,63 @@ def main(argv: list[str] | None = None) -> int:
         f"pcscd: {'started here' if daemon.owned else 'already running, used as is'}",
         file=sys.stderr,
     )
-    results: dict[str, PeerResult] = {}
+    rounds: list[dict[str, PeerResult]] = []
     failed = False
     try:
         with tempfile.TemporaryDirectory(prefix="bench_vpcd-") as tmp:
             workdir = Path(tmp)
             n, nv = args.iterations, args.vicc_iterations
-            for name in peers:
-                try:
-                    if name == "floor":
-                        cmd, env = floor_card_argv(VPCD_PORT), None
-                        steps = [Step("SELECT MF", SELECT_MF, n)]
-                        warmup = args.warmup
-                    elif name == "ours":
-                        cmd, env = ours_argv(workdir), None
-                        steps = [
-                            Step("SELECT MF", SELECT_MF, n),
-                            Step("SELECT SSSE", SELECT_SSSE, n),
-                            Step(
-                                "READ RECORD 7",
-                                READ_RECORD_7,
-                                n,
-                                prepare=(SELECT_SSSE, SELECT_EF05),
-                            ),
-                        ]
-                        warmup = args.warmup
-                    else:
-                        cmd, env = vicc_command()
-                        steps = [Step("SELECT MF", SELECT_MF, nv)]
-                        warmup = min(args.warmup, 3)
-                    results[name] = measure(
-                        name, cmd, steps, warmup=warmup, workdir=workdir, env=env
-                    )
-                    failed |= results[name].status == "failed"
-                except Skip as exc:
-                    print(f"  {name}: skipped: {exc}", file=sys.stderr)
-                    results[name] = PeerResult(name=name, status="skipped", reason=str(exc))
-                except (BenchError, PcscError) as exc:
-                    print(f"  {name}: failed: {exc}", file=sys.stderr)
-                    results[name] = PeerResult(name=name, status="failed", reason=str(exc))
-                    failed = True
+            # Floor and ours alternate, round after round, so that drift on a shared machine
+            # hits both; vicc (44 ms per APDU) runs once, in the last round.
+            schedule = [[p for p in peers if p != "vicc" or r == args.rounds - 1]
+                        for r in range(args.rounds)]
+            for round_peers in schedule:
+                results: dict[str, PeerResult] = {}
+                rounds.append(results)
+                for name in round_peers:
+                    try:
+                        if name == "floor":
+                            cmd, env = floor_card_argv(VPCD_PORT), None
+                            steps = [Step("SELECT MF", SELECT_MF, n)]
+                            warmup = args.warmup
+                        elif name == "ours":
+                            cmd, env = ours_argv(workdir), None
+                            steps = [
+                                Step("SELECT MF", SELECT_MF, n),
+                                Step("SELECT SSSE", SELECT_SSSE, n),
+                                Step(
+                                    "READ RECORD 7",
+                                    READ_RECORD_7,
+                                    n,
+                                    prepare=(SELECT_SSSE, SELECT_EF05),
+                                ),
+                            ]
+                            warmup = args.warmup
+                        else:
+                            cmd, env = vicc_command()
+                            steps = [Step("SELECT MF", SELECT_MF, nv)]
+                            warmup = min(args.warmup, 3)
+                        results[name] = measure(
+                            name, cmd, steps, warmup=warmup, workdir=workdir, env=env
+                        )
+                        failed |= results[name].status == "failed"
+                    except Skip as exc:
+                        print(f"  {name}: skipped: {exc}", file=sys.stderr)
+                        results[name] = PeerResult(name=name, status="skipped", reason=str(exc))
+                    except (BenchError, PcscError) as exc:
+                        print(f"  {name}: failed: {exc}", file=sys.stderr)
+                        results[name] = PeerResult(name=name, status="failed", reason=str(exc))
+                        failed = True
     finally:
         daemon.close()
 
+    merged = merge_rounds(rounds)
     ratios = {
-        f"{a}/{b} SELECT MF (p50)": _ratio(results.get(a), results.get(b), "SELECT MF")
+        f"{a}/{b} SELECT MF (p50)": _median_ratio(rounds, a, b, "SELECT MF")
         for a, b in (("ours", "floor"), ("vicc", "ours"), ("vicc", "floor"))
     }
-    print_report(list(results.values()), ratios)
+    print(f"\n{args.rounds} round(s); per-round figures are combined by their median.")
+    print_report(list(merged.values()), ratios)
     if args.json is not None:
         report = {
             "host": {
@@ -418,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
             },
             "pcscd_started_here": daemon.owned,
             "reader": READER,
-            "peers": {k: asdict(v) for k, v in results.items()},
+            "rounds": [{k: asdict(v) for k, v in r.items()} for r in rounds],
+            "peers": {k: asdict(v) for k, v in merged.items()},
             "ratios": ratios,
         }
         args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

@@ -516,17 +516,17 @@ class SocialSecurityCard(Cos):
         return b""
 
     def _check_pin_attempt(self, pin_bcd: bytes) -> None:
-        """Compare a PIN; the counter is decremented and committed before comparing."""
+        """Compare a PIN; a changed counter is committed before the card answers anything."""
         pin = self.image.pin
         if pin.tries == 0:
             raise _fail(SW.AUTH_METHOD_BLOCKED)
         if not _valid_pin_bcd(pin_bcd):
             raise _fail(SW.WRONG_DATA)
-        before = self._snapshot()
         ok = pin.matches(pin_bcd)
         left = pin.max_tries if ok else pin.tries - 1
         if left != pin.tries:
-            pin.tries = left
+            before = self._snapshot()
+            self.image.pin.tries = left
             self._commit(before)
         if not ok:
             self.pin_verified = False
