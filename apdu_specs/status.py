@@ -106,32 +106,31 @@ def is_success(sw: int) -> bool:
     return sw == SW.OK
 
 
-def meaning(sw: int) -> str:
-    """English meaning of any status word, including the numbered families."""
-    if sw in _MEANINGS:
-        return _MEANINGS[sw][0]
+def _family(sw: int) -> tuple[str, str] | None:
+    """Meanings of the status-word families that carry a number (61xx, 6Cxx, 63Cx)."""
     hi, lo = sw >> 8, sw & 0xFF
     if hi == 0x61:
-        return f"{lo or 256} response bytes available (GET RESPONSE)"
+        return (f"{lo or 256} response bytes available (GET RESPONSE)", f"还有{lo or 256}字节响应数据")
     if hi == 0x6C:
-        return f"wrong Le; exact length is {lo or 256}"
+        return (f"wrong Le; exact length is {lo or 256}", f"Le错误，正确长度为{lo or 256}")
     if hi == 0x63 and lo & 0xF0 == 0xC0:
-        return f"verification failed, {lo & 0x0F} tries left"
-    return "unknown status word"
+        n = lo & 0x0F
+        return (f"verification failed, {n} tries left", f"认证失败，还剩{n}次机会")
+    return None
+
+
+def _meanings(sw: int) -> tuple[str, str]:
+    return _MEANINGS.get(sw) or _family(sw) or ("unknown status word", "未知状态字")
+
+
+def meaning(sw: int) -> str:
+    """English meaning of any status word, including the numbered families."""
+    return _meanings(sw)[0]
 
 
 def meaning_zh(sw: int) -> str:
     """Chinese meaning, for the reader-interface error text."""
-    if sw in _MEANINGS:
-        return _MEANINGS[sw][1]
-    hi, lo = sw >> 8, sw & 0xFF
-    if hi == 0x61:
-        return f"还有{lo or 256}字节响应数据"
-    if hi == 0x6C:
-        return f"Le错误，正确长度为{lo or 256}"
-    if hi == 0x63 and lo & 0xF0 == 0xC0:
-        return f"认证失败，还剩{lo & 0x0F}次机会"
-    return "未知状态字"
+    return _meanings(sw)[1]
 
 
 def compat_code(sw: int) -> int:

@@ -47,6 +47,7 @@ from firmware_sim.lab import (
     PcscError,
     card_process,
     pcsc_context,
+    tail_file,
     wait_card_state,
 )
 
@@ -168,14 +169,6 @@ def time_apdu(hcard: Any, protocol: int, step: Step, warmup: int) -> Timing:
     )
 
 
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return ""
-    return ("\n    " + "\n    ".join(text)) if text else ""
-
-
 def measure(
     name: str,
     argv: list[str],
@@ -196,7 +189,7 @@ def measure(
             state = f"exited with {status}" if status is not None else "still running"
             raise BenchError(
                 f"{name}: no card seen in {READER} after {PRESENT_TIMEOUT:.0f} s "
-                f"(process {state}); its output:{_tail(log_path)}"
+                f"(process {state}); its output:{tail_file(log_path)}"
             )
         with pcsc_context() as ctx:
             hresult, hcard, protocol = scard.SCardConnect(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 from collections.abc import Callable
 
 from apdu_specs import status
@@ -52,6 +53,7 @@ class Cos:
         self._handlers: dict[tuple[int, int], tuple[Handler, LePolicy, CommandSpec]] = {}
         self.powered = True
         self.trace: Callable[[bytes, bytes], None] | None = None
+        self.challenge: bytes | None = None
 
     # -- registration ------------------------------------------------------------------------
 
@@ -84,6 +86,15 @@ class Cos:
 
     def _reset_volatile(self) -> None:
         self._pending = b""
+        self.challenge = None
+
+    def _get_challenge(self, apdu: CommandApdu) -> bytes:
+        """GET CHALLENGE: 4, 8 or 16 random bytes, remembered for one use."""
+        check_p1p2(apdu, 0, 0)
+        if apdu.data or apdu.le not in (4, 8, 16):
+            raise StatusWordError(SW.WRONG_LENGTH)
+        self.challenge = os.urandom(apdu.le)
+        return self.challenge
 
     # -- execution ------------------------------------------------------------------------------
 
@@ -175,6 +186,16 @@ def check_p1p2(apdu: CommandApdu, p1: int | None = 0, p2: int | None = 0) -> Non
 def check_lc(apdu: CommandApdu, *allowed: int) -> None:
     if len(apdu.data) not in allowed:
         raise StatusWordError(SW.WRONG_LENGTH)
+
+
+def read_slice(data: bytes, offset: int, le: int | None) -> bytes:
+    """READ BINARY: up to Le bytes from ``offset``; absent/00 Le reads what is there."""
+    if offset >= len(data):
+        raise StatusWordError(SW.OFFSET_BEYOND_EF)
+    avail = len(data) - offset
+    if le not in (None, 256) and le is not None and le > avail:
+        raise StatusWordError(status.wrong_le(avail))
+    return data[offset : offset + min(le or 256, avail)]
 
 
 def known_commands() -> tuple[CommandSpec, ...]:

@@ -44,6 +44,7 @@ from firmware_sim.lab import (
     sscard_emu_argv,
     start_process,
     stop_process,
+    tail_file,
     wait_card_state,
 )
 from firmware_sim.psam import ENV_NAMES, PSAM_AID, PSAM_KEY_IDS, usage_byte
@@ -226,14 +227,6 @@ def _issue(argv: list[str]) -> None:
     print(done.stdout.strip())
 
 
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return ""
-    return ("\n    " + "\n    ".join(text)) if text else ""
-
-
 def demo(workdir: Path) -> None:
     scard()  # fail early, before issuing anything, when pyscard is missing
     emu = sscard_emu_argv()
@@ -258,7 +251,7 @@ def demo(workdir: Path) -> None:
             if not wait_card_state(reader, present=True, timeout=PRESENT_TIMEOUT):
                 state = "exited" if serve.poll() is not None else "still running"
                 raise DemoError(f"no card seen in {reader} after {PRESENT_TIMEOUT:.0f} s "
-                                f"(sscard-emu serve {state}); its output:{_tail(serve_log)}")
+                                f"(sscard-emu serve {state}); its output:{tail_file(serve_log)}")
         print(f"serving: card in {CARD_READER!r}, PSAM in {PSAM_READER!r} "
               f"(sscard-emu serve, pid {serve.pid})")
         with CardConnection(CARD_READER) as card_conn, CardConnection(PSAM_READER) as psam_conn:

@@ -242,6 +242,15 @@ def card_process(
         stop_process(proc)
 
 
+def tail_file(path: Path, lines: int = 15) -> str:
+    """The last ``lines`` of a process log, indented, for error messages ("" if unreadable)."""
+    try:
+        text = path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return ("\n    " + "\n    ".join(text)) if text else ""
+
+
 def sscard_emu_argv() -> list[str]:
     """How to run ``sscard-emu``: the script beside this interpreter, on ``PATH``, or ``-m``."""
     beside = Path(sys.executable).parent / "sscard-emu"

@@ -22,14 +22,12 @@ issued with, so a pharmacy PSAM without PUK rights answers ``6A88`` to a PUK req
 
 from __future__ import annotations
 
-import os
-
 from apdu_specs import apdu as A
 from apdu_specs import crypto, filesystem
 from apdu_specs.apdu import CommandApdu
 from apdu_specs.crypto import Algorithm
 from apdu_specs.status import SW, StatusWordError
-from firmware_sim.cos import Cos, LePolicy, ResponseMode, check_lc, check_p1p2
+from firmware_sim.cos import Cos, LePolicy, ResponseMode, check_lc, check_p1p2, read_slice
 from firmware_sim.image import PsamImage
 from firmware_sim.store import TearSafeStore
 
@@ -79,7 +77,6 @@ class Psam(Cos):
         self.cur_file: int | None = None
         self.session: bytes | None = None
         self.mac_chain: tuple[bytes, bytes] | None = None  # (iv, pending bytes)
-        self.challenge: bytes | None = None
         self._reset_volatile()
         r = self.register
         r(A.SELECT, self._select)
@@ -100,7 +97,6 @@ class Psam(Cos):
         self.cur_file = None
         self.session = None
         self.mac_chain = None
-        self.challenge = None
 
     @property
     def alg(self) -> Algorithm:
@@ -170,23 +166,9 @@ class Psam(Cos):
             if self.cur_file is None or self.cur_file not in files:
                 raise _fail(SW.NO_CURRENT_EF)
             offset = (apdu.p1 << 8) | apdu.p2
-        data = files[self.cur_file]
-        if offset >= len(data):
-            raise _fail(SW.OFFSET_BEYOND_EF)
-        avail = len(data) - offset
-        le = apdu.le or 256
-        if apdu.le not in (None, 256) and le > avail:
-            raise StatusWordError(0x6C00 | avail)
-        return data[offset : offset + min(le, avail)]
+        return read_slice(files[self.cur_file], offset, apdu.le)
 
     # -- crypto ---------------------------------------------------------------------------------
-
-    def _get_challenge(self, apdu: CommandApdu) -> bytes:
-        check_p1p2(apdu, 0, 0)
-        if apdu.data or apdu.le not in (4, 8, 16):
-            raise _fail(SW.WRONG_LENGTH)
-        self.challenge = os.urandom(apdu.le)
-        return self.challenge
 
     def _init_env(self, apdu: CommandApdu) -> bytes:
         check_p1p2(apdu, 0, 0)

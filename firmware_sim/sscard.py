@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from dataclasses import dataclass, field
 
 from apdu_specs import apdu as A
@@ -25,7 +24,7 @@ from apdu_specs.apdu import CommandApdu
 from apdu_specs.crypto import Algorithm
 from apdu_specs.filesystem import DfSpec, EfSpec, Structure
 from apdu_specs.status import SW, StatusWordError
-from firmware_sim.cos import Cos, LePolicy, ResponseMode, check_lc, check_p1p2
+from firmware_sim.cos import Cos, LePolicy, ResponseMode, check_lc, check_p1p2, read_slice
 from firmware_sim.image import CardImage, FileContent
 from firmware_sim.store import TearSafeStore
 
@@ -74,7 +73,6 @@ class SocialSecurityCard(Cos):
         self.cur_ef: EfNode | None = None
         self.pin_verified = False
         self.authenticated: set[str] = set()
-        self.challenge: bytes | None = None
         self._rec_ptr: int | None = None  # record pointer (index) for next/previous by id
         r = self.register
         r(A.SELECT, self._select)
@@ -128,7 +126,6 @@ class SocialSecurityCard(Cos):
         self.cur_ef = None
         self.pin_verified = False
         self.authenticated = set()
-        self.challenge = None
         self._rec_ptr = None
 
     # -- persistence ---------------------------------------------------------------------------
@@ -474,13 +471,7 @@ class SocialSecurityCard(Cos):
             raise _fail(SW.SECURITY_STATUS_NOT_SATISFIED)
         data = ef.content.data
         assert data is not None
-        if offset >= len(data):
-            raise _fail(SW.OFFSET_BEYOND_EF)
-        le = apdu.le or 256
-        avail = len(data) - offset
-        if le > avail and apdu.le not in (None, 256):
-            raise StatusWordError(status.wrong_le(avail))
-        return bytes(data[offset : offset + min(le, avail)])
+        return read_slice(bytes(data), offset, apdu.le)
 
     def _update_binary(self, apdu: CommandApdu) -> bytes:
         ef, offset = self._binary_target(apdu)
@@ -580,13 +571,6 @@ class SocialSecurityCard(Cos):
         return b""
 
     # -- authentication -------------------------------------------------------------------------
-
-    def _get_challenge(self, apdu: CommandApdu) -> bytes:
-        check_p1p2(apdu, 0, 0)
-        if apdu.data or apdu.le not in (4, 8, 16):
-            raise _fail(SW.WRONG_LENGTH)
-        self.challenge = os.urandom(apdu.le)
-        return self.challenge
 
     def _internal_auth(self, apdu: CommandApdu) -> bytes:
         check_p1p2(apdu, 0, 0)
