@@ -27,6 +27,7 @@ from apdu_specs.crypto import Algorithm
 from apdu_specs.filesystem import SSSE_EF05, SSSE_EF06_ITEMS
 from firmware_sim.cos import ResponseMode
 from firmware_sim.image import CardImage, PsamImage
+from firmware_sim.loader import load_card, load_psam
 from firmware_sim.personalise import (
     CardParams,
     Holder,
@@ -34,9 +35,8 @@ from firmware_sim.personalise import (
     issue_card,
     issue_psam,
 )
-from firmware_sim.psam import SERVICE_HALL_KEYS, TERMINAL_KEYS, Psam
+from firmware_sim.psam import SERVICE_HALL_KEYS, TERMINAL_KEYS
 from firmware_sim.serve import Slot, log_trace
-from firmware_sim.sscard import SocialSecurityCard
 from firmware_sim.store import ImageError, TearSafeStore
 
 log = logging.getLogger("sscard-emu")
@@ -144,16 +144,6 @@ def cmd_issue(args: argparse.Namespace) -> int:
     TearSafeStore(args.out).save(doc)
     print(f"issued {summary} -> {args.out}")
     return 0
-
-
-def load_card(path: Path, mode: ResponseMode = ResponseMode.DIRECT) -> SocialSecurityCard:
-    store = TearSafeStore(path)
-    return SocialSecurityCard(CardImage.from_json(store.load()), store, mode)
-
-
-def load_psam(path: Path, mode: ResponseMode = ResponseMode.DIRECT) -> Psam:
-    store = TearSafeStore(path)
-    return Psam(PsamImage.from_json(store.load()), store, mode)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

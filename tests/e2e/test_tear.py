@@ -35,7 +35,7 @@ RIGHT_VERIFY = bytes.fromhex("0020000003123456")
 CHILD = """
 import sys
 from pathlib import Path
-from firmware_sim.cli import load_card
+from firmware_sim.loader import load_card
 card = load_card(Path(sys.argv[1]))
 for apdu in sys.argv[2:]:
     print(card.execute(bytes.fromhex(apdu)).hex().upper(), flush=True)

@@ -1,0 +1,115 @@
+"""The daemon's named errors, each with its standard reader-interface return code (card-spec §5.2)
+and a message in English and Chinese.
+
+Callers (POS over MQTT, kiosks, the CLI) see ``code`` (a stable name), ``compat_code`` (the number
+an integrator of the MOHRSS reader interface knows) and the two messages. A card status word that
+has no name of its own is reported as ``CARD_STATUS`` with ``compat_code = −(SW1·256 + SW2)``.
+
+Messages never carry a PIN, a PIN block, an ID number or a name: details are typed fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from apdu_specs import status
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    code: str
+    compat_code: int
+    message: str
+    message_zh: str
+
+
+_KINDS = [
+    ErrorKind("NOT_SSCARD", -1, "the card is not a social security card", "卡类型不对"),
+    ErrorKind("NO_CARD", -2, "no card in the reader", "无卡"),
+    ErrorKind("CARD_NOT_POWERED", -3, "the card could not be powered", "卡片上电失败"),
+    ErrorKind("CARD_NO_ANSWER", -4, "the card does not answer", "卡无应答"),
+    ErrorKind("READER_UNAVAILABLE", -11, "cannot connect to the reader", "连接读卡器失败"),
+    ErrorKind("READER_NOT_CONNECTED", -12, "the reader is not connected", "读卡器未连接"),
+    ErrorKind("UNSUPPORTED", -13, "the reader does not support this command", "不支持该命令"),
+    ErrorKind("BAD_PARAMETER", -14, "bad parameter", "参数错误"),
+    ErrorKind("READER_CHECKSUM", -15, "reader frame checksum error", "读卡器数据校验错"),
+    ErrorKind("BAD_CARD_ID", -20, "the card identification code is malformed", "卡识别码格式错"),
+    ErrorKind("CARD_NOT_GENUINE", -21, "card authentication failed: the card is not genuine",
+              "内部认证失败（卡片不可信）"),
+    ErrorKind("CARD_MISMATCH", -22, "the card does not match the input", "输入信息与卡不符"),
+    ErrorKind("INVALID_INPUT", -23, "invalid input", "输入信息无效"),
+    ErrorKind("PSAM_KEY_LEVEL", -24, "the PSAM lacks the key for this operation", "PSAM卡密钥级别不够"),
+    ErrorKind("PIN_CANCELLED", -31, "PIN entry cancelled", "用户取消密码输入"),
+    ErrorKind("PIN_TIMEOUT", -32, "PIN entry timed out", "密码输入超时"),
+    ErrorKind("PIN_LENGTH", -33, "PIN length is wrong", "密码长度错误"),
+    ErrorKind("PIN_MISMATCH", -34, "the two new PINs differ", "两次输入的新密码不一致"),
+    ErrorKind("PIN_INITIAL", -35, "the initial PIN must be changed before transacting",
+              "初始密码不允许交易，请先修改密码"),
+    ErrorKind("PIN_TO_INITIAL", -36, "the PIN cannot be changed to an initial PIN", "新密码不能为初始密码"),
+    ErrorKind("BAD_CALCULATION_DATA", -41, "bad computation data", "计算数据错误"),
+    ErrorKind("PIN_WRONG", -51, "wrong PIN", "密码错误"),
+    ErrorKind("PIN_BLOCKED", -52, "the PIN is blocked", "密码已锁定"),
+    ErrorKind("NO_PSAM", -2201, "no PSAM in the reader", "无PSAM卡"),
+    ErrorKind("PSAM_NO_ALGORITHM", -2202, "the PSAM lacks the card's algorithm", "PSAM卡不支持该算法"),
+    ErrorKind("PSAM_NO_RKSSSE", -2203, "the PSAM lacks RKSSSE", "PSAM卡无RKSSSE密钥"),
+    ErrorKind("HSM_NOT_NEEDED", -2204, "no HSM computation needed for this file", "无需加密机计算"),
+    # Not in the reader interface; the daemon's own (compat code: the nearest standard one).
+    ErrorKind("CARD_REMOVED", -2, "the card was removed during the operation", "操作过程中卡被拔出"),
+    ErrorKind("READER_GONE", -11, "the reader went away", "读卡器已断开"),
+    ErrorKind("CARD_GARBAGE", -4, "the card answered something malformed", "卡片应答数据错误"),
+    ErrorKind("CARD_STATUS", 0, "the card refused the command", "卡片返回错误状态"),
+]
+KINDS: dict[str, ErrorKind] = {k.code: k for k in _KINDS}
+
+
+class SSCardError(Exception):
+    """A named error. ``details`` are typed, non-secret fields (tries_left, sw, reader, ...)."""
+
+    def __init__(self, code: str, detail: str = "", **details: Any):
+        if code not in KINDS:
+            raise ValueError(f"unknown error code {code!r}")
+        self.kind = KINDS[code]
+        self.detail = detail
+        self.details = details
+        super().__init__(self.message + (f": {detail}" if detail else ""))
+
+    @property
+    def code(self) -> str:
+        return self.kind.code
+
+    @property
+    def compat_code(self) -> int:
+        if self.kind.code == "CARD_STATUS":
+            return status.compat_code(int(self.details["sw"]))
+        return self.kind.compat_code
+
+    @property
+    def message(self) -> str:
+        if self.kind.code == "PIN_WRONG" and "tries_left" in self.details:
+            return f"wrong PIN, {self.details['tries_left']} tries left"
+        if self.kind.code == "CARD_STATUS":
+            sw = int(self.details["sw"])
+            return f"the card answered {sw:04X} ({status.meaning(sw)})"
+        return self.kind.message
+
+    @property
+    def message_zh(self) -> str:
+        if self.kind.code == "PIN_WRONG" and "tries_left" in self.details:
+            return f"密码错误，还可以尝试{self.details['tries_left']}次"
+        if self.kind.code == "CARD_STATUS":
+            sw = int(self.details["sw"])
+            return f"卡片返回{sw:04X}（{status.meaning_zh(sw)}）"
+        return self.kind.message_zh
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"code": self.code, "compat_code": self.compat_code,
+                               "message": self.message, "message_zh": self.message_zh}
+        for k, v in self.details.items():
+            out[k] = f"{v:04X}" if k == "sw" else v
+        return out
+
+
+def card_status(sw: int, what: str = "") -> SSCardError:
+    """The error for a status word a command was not expected to return."""
+    return SSCardError("CARD_STATUS", what, sw=sw)

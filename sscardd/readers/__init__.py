@@ -1,0 +1,1 @@
+"""Readers: one async interface (:mod:`sscardd.readers.base`), three transports."""
