@@ -25,6 +25,7 @@ from typing import Any
 from apdu_specs import keyfile
 from apdu_specs.crypto import Algorithm
 from apdu_specs.filesystem import SSSE_EF05, SSSE_EF06_ITEMS
+from apdu_specs.psam import SERVICE_HALL_KEYS, TERMINAL_KEYS
 from firmware_sim.cos import ResponseMode
 from firmware_sim.image import CardImage, PsamImage
 from firmware_sim.loader import load_card, load_psam
@@ -35,7 +36,6 @@ from firmware_sim.personalise import (
     issue_card,
     issue_psam,
 )
-from firmware_sim.psam import SERVICE_HALL_KEYS, TERMINAL_KEYS
 from firmware_sim.serve import Slot, log_trace
 from firmware_sim.store import ImageError, TearSafeStore
 

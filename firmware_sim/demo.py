@@ -33,6 +33,7 @@ from types import FrameType
 
 from apdu_specs import crypto, filesystem, identifiers
 from apdu_specs.crypto import Algorithm
+from apdu_specs.psam import ENV_NAMES, PSAM_AID, PSAM_KEY_IDS, usage_byte
 from firmware_sim.lab import (
     VPCD_PORT,
     VPCD_READERS,
@@ -47,7 +48,6 @@ from firmware_sim.lab import (
     tail_file,
     wait_card_state,
 )
-from firmware_sim.psam import ENV_NAMES, PSAM_AID, PSAM_KEY_IDS, usage_byte
 
 CARD_READER, PSAM_READER = VPCD_READERS
 SW_OK = 0x9000

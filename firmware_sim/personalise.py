@@ -17,8 +17,9 @@ from apdu_specs.fields import FieldError
 from apdu_specs.filesystem import DfSpec, Structure
 from apdu_specs.identifiers import Atr, IdentifierError
 from apdu_specs.keyfile import RootKeys
+from apdu_specs.psam import PSAM_KEY_IDS, TERMINAL_KEYS
 from firmware_sim.image import CardImage, FileContent, KeyEntry, PinState, PsamImage
-from firmware_sim.psam import PSAM_KEY_IDS, TERMINAL_KEYS, psam_atr
+from firmware_sim.psam import psam_atr
 
 
 class PersonalisationError(ValueError):

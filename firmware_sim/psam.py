@@ -26,35 +26,17 @@ from apdu_specs import apdu as A
 from apdu_specs import crypto, filesystem
 from apdu_specs.apdu import CommandApdu
 from apdu_specs.crypto import Algorithm
+from apdu_specs.psam import (
+    ENV_ALG,
+    ENV_FIDS,
+    ENV_NAMES,
+    PSAM_AID,
+    USAGE_MAC_ENC,
+)
 from apdu_specs.status import SW, StatusWordError
 from firmware_sim.cos import Cos, LePolicy, ResponseMode, check_lc, check_p1p2, read_slice
 from firmware_sim.image import PsamImage
 from firmware_sim.store import TearSafeStore
-
-PSAM_AID = bytes.fromhex("D15600000590")
-ENV_NAMES = {
-    "des3": filesystem.SSSE_AID,  # "sx1.sh.社会保障"
-    "sm4": bytes.fromhex("7378322E73682EC9E7BBE1B1A3D5CF"),  # "sx2.sh.社会保障"
-}
-ENV_FIDS = {"des3": 0x3F00, "sm4": 0xDDF1}
-ENV_ALG = {"des3": Algorithm.DES3, "sm4": Algorithm.SM4}
-
-# PSAM key ids: 08–0F national keys of the user card's DDF (SSSE) level, 20–3F national keys of
-# the user card's applications (card-spec §3.5 ranges; the assignment inside them is ours).
-PSAM_KEY_IDS: dict[str, int] = {
-    "IRK": 0x08, "STKSSSE": 0x09, "UKSSSE": 0x0A, "BK": 0x0B, "PUK": 0x0C, "RKSSSE": 0x0D,
-    "STKDF04": 0x20, "LKDF04": 0x21, "RK1DF04": 0x22, "UK1DF04": 0x23, "UK2DF04": 0x24,
-    "STKDF01": 0x28, "RK1DF01": 0x29, "STKDF02": 0x2C, "RK1DF02": 0x2D,
-    "STKDF03": 0x30, "RK1DF03": 0x31, "RK2DF03": 0x32,
-}
-TERMINAL_KEYS = ("IRK", "RKSSSE", "RK1DF04", "UK1DF04", "UK2DF04")
-SERVICE_HALL_KEYS = (*TERMINAL_KEYS, "PUK", "STKSSSE", "UKSSSE")
-
-USAGE_MAC_ENC = 0x08  # key type b5–b1 (card-spec §3.5): 8 = MAC + encryption
-
-
-def usage_byte(levels: int, key_type: int = USAGE_MAC_ENC) -> int:
-    return (levels << 5) | key_type
 
 
 def psam_atr(serial: str) -> bytes:

@@ -8,10 +8,11 @@ from functools import cache
 from apdu_specs import crypto, keyfile
 from apdu_specs.crypto import Algorithm
 from apdu_specs.identifiers import historical_bytes
+from apdu_specs.psam import PSAM_KEY_IDS, SERVICE_HALL_KEYS, usage_byte
 from firmware_sim.cos import Cos, ResponseMode
 from firmware_sim.image import CardImage
 from firmware_sim.personalise import CardParams, issue_card, issue_psam
-from firmware_sim.psam import PSAM_KEY_IDS, SERVICE_HALL_KEYS, Psam, usage_byte
+from firmware_sim.psam import Psam
 from firmware_sim.sscard import SocialSecurityCard
 from firmware_sim.store import TearSafeStore
 

@@ -6,8 +6,9 @@ import pytest
 
 from apdu_specs import crypto
 from apdu_specs.crypto import Algorithm
+from apdu_specs.psam import PSAM_KEY_IDS, TERMINAL_KEYS, usage_byte
 from firmware_sim.cos import ResponseMode
-from firmware_sim.psam import PSAM_KEY_IDS, TERMINAL_KEYS, Psam, usage_byte
+from firmware_sim.psam import Psam
 from tests.emu import new_psam, ok, roots, tx
 
 SX1 = "7378312E73682EC9E7BBE1B1A3D5CF"

@@ -21,6 +21,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import enum
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -110,10 +111,14 @@ class Reader(abc.ABC):
 
     def __init__(self, name: str):
         self.name = name
+        self._worker_ident: int | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"reader:{name}"[:40])
+            max_workers=1, thread_name_prefix=f"reader:{name}"[:40], initializer=self._mark_worker)
         self._lock = asyncio.Lock()
         self._closed = False
+
+    def _mark_worker(self) -> None:
+        self._worker_ident = threading.get_ident()
 
     # -- for subclasses (worker thread) -------------------------------------------------------
 
@@ -158,6 +163,18 @@ class Reader(abc.ABC):
             # The card or reader may be gone already; the operation's outcome stands.
             with contextlib.suppress(LinkError):
                 self._close_link(link, reset_after or not ok)
+
+    def call_blocking(self, op: Callable[[CardLink], T], *, reset_after: bool = False) -> T:
+        """Run ``op`` in this reader's thread and wait — from *another* reader's worker thread.
+
+        A card operation that needs the PSAM (which sits in another reader) calls it this way,
+        so each reader's handle is only ever used by its own thread.
+        """
+        if self._closed:
+            raise SSCardError("READER_NOT_CONNECTED", reader=self.name)
+        if threading.get_ident() == self._worker_ident:
+            raise RuntimeError("call_blocking from the reader's own thread would deadlock")
+        return self._executor.submit(self._run_sync, op, reset_after).result()
 
     async def present(self) -> bool:
         loop = asyncio.get_running_loop()

@@ -14,9 +14,10 @@ import threading
 from pathlib import Path
 
 from firmware_sim.cos import Cos
+from firmware_sim.image import PSAM_FORMAT
 from firmware_sim.keypad import KeypadConfig, KeypadFirmware, ScriptedKeypad
 from firmware_sim.loader import load_card, load_psam
-from firmware_sim.store import ImageError
+from firmware_sim.store import ImageError, TearSafeStore
 from sscardd.errors import SSCardError
 from sscardd.readers.base import (
     CardLink,
@@ -82,9 +83,11 @@ class EmulatedReader(Reader):
         self.apdus = 0
 
     @classmethod
-    def from_image(cls, path: str | Path, psam: bool = False, **kw: object) -> EmulatedReader:
+    def from_image(cls, path: str | Path, **kw: object) -> EmulatedReader:
+        """A reader holding the card or PSAM image at ``path`` (the format tells which)."""
         try:
-            card: Cos = load_psam(Path(path)) if psam else load_card(Path(path))
+            is_psam = TearSafeStore(Path(path)).load().get("format") == PSAM_FORMAT
+            card: Cos = load_psam(Path(path)) if is_psam else load_card(Path(path))
         except ImageError as exc:
             raise SSCardError("READER_UNAVAILABLE", str(exc), reader=f"emulated:{path}") from exc
         return cls(card, name=f"emulated:{path}", **kw)  # type: ignore[arg-type]

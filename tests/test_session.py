@@ -1,0 +1,314 @@
+"""The card session over every transport: same tests, emulated / PC/SC / serial rigs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from apdu_specs import crypto, filesystem
+from apdu_specs.crypto import Algorithm
+from apdu_specs.identifiers import historical_bytes, validate_card_no, validate_ssn
+from sscardd.errors import SSCardError
+from sscardd.session import TxnRecord
+from tests.emu import roots
+from tests.rigs import GOOD, INITIAL, Rig, emulated_rig, load_image
+
+RIGS = ["emulated"]
+
+
+@pytest.fixture(params=[2, 3], ids=lambda g: f"gen{g}")
+def generation(request: pytest.FixtureRequest) -> int:
+    return int(request.param)
+
+
+@pytest.fixture(params=RIGS)
+async def rig(request: pytest.FixtureRequest, tmp_path: Path, generation: int) -> AsyncIterator[Rig]:
+    r = emulated_rig(tmp_path, generation)
+    try:
+        yield r
+    finally:
+        await r.close()
+
+
+async def _code(coro: object) -> str:
+    with pytest.raises(SSCardError) as ei:
+        await coro  # type: ignore[misc]
+    return ei.value.code
+
+
+# --- identity --------------------------------------------------------------------------------------
+
+
+async def test_read_basic(rig: Rig, generation: int) -> None:
+    info = await rig.session().read_basic()
+    validate_ssn(info.ssn)
+    validate_card_no(info.card_no)
+    assert info.name == "张三"
+    assert info.generation == generation
+    assert info.algorithm is (Algorithm.SM4 if generation == 3 else Algorithm.DES3)
+    assert info.terminal_no == "370212000001"
+    compat = info.compat()
+    fields = compat.split("|")
+    assert len(fields) == 12 and fields[-1] == ""
+    assert fields[0] == "370202" and fields[4] == "张三"
+    assert fields[6] == ("3.00" if generation == 3 else "2.00")
+    assert fields[3] == info.card_id.hex().upper() and len(fields[3]) == 32
+    assert len(fields[5]) == 26
+    assert info.to_json()["compat"] == compat
+
+
+async def test_no_psam_offers_the_hsm_two_step_read(rig: Rig, generation: int) -> None:
+    session = rig.session(with_psam=False)
+    assert await _code(session.read_basic()) == "NO_PSAM"
+    step1 = await session.read_basic_hsm_step1()
+    f = step1.split("|")
+    assert len(f) == 9 and f[-1] == ""
+    region, hist_hex, alg, card_id, int_in, int_plain, ext_in, ext_plain = f[:8]
+    assert alg == ("03" if generation == 3 else "01")
+    assert len(int_in) == len(int_plain) == 16
+    # the HSM: the backend's root keys diversified down to this card
+    a = Algorithm(int(alg, 16))
+    factors = crypto.diversification_factors(region, bytes.fromhex(hist_hex))
+    irk = crypto.derive(a, roots().get(a, "IRK"), factors)
+    int_data = crypto.auth_data(a, irk, bytes.fromhex(int_in), bytes.fromhex(int_plain))
+    ext = ""
+    if generation == 3:
+        assert len(ext_in) == len(ext_plain) == 16
+        rk = crypto.derive(a, roots().get(a, "RKSSSE"), factors)
+        ext = (crypto.auth_data(a, rk, bytes.fromhex(ext_in), bytes.fromhex(ext_plain)).hex()
+               + ext_plain)
+    else:
+        assert ext_in == ext_plain == ""
+    info = await session.read_basic_hsm_step2(f"{int_data.hex()}{int_plain}|{ext}|")
+    assert info.name == "张三" and info.card_id.hex().upper() == card_id
+    assert info.terminal_no == "000000000000"
+
+
+async def test_hsm_step2_with_a_wrong_answer_is_card_not_genuine(rig: Rig) -> None:
+    session = rig.session(with_psam=False)
+    f = (await session.read_basic_hsm_step1()).split("|")
+    bad = f"{'00' * 8}{f[5]}|{'00' * 16 if f[6] else ''}|"
+    assert await _code(session.read_basic_hsm_step2(bad)) == "CARD_NOT_GENUINE"
+    assert await _code(session.read_basic_hsm_step2(bad)) == "INVALID_INPUT"  # no step 1 pending
+    await session.read_basic_hsm_step1()
+    assert await _code(session.read_basic_hsm_step2("zz|")) == "BAD_CALCULATION_DATA"
+
+
+async def test_status(rig: Rig, generation: int) -> None:
+    st = await rig.session(with_psam=False).status()
+    assert st["present"] and st["sscard"] and st["generation"] == generation
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+async def test_read_addresses(rig: Rig) -> None:
+    s = rig.session()
+    out = await s.read("SSSEEF05|07|05|$DF01EF0A|37|$", pin=GOOD, auth="pin")
+    card_no = out.split("|")[1]
+    assert out == f"SSSEEF05|{card_no}|20210601|$DF01EF0A|CHN|$"
+    assert await s.read("DF04EF05|84|8C|$") == "DF04EF05|370202|11|$"  # RK1DF04 via the PSAM
+    assert await s.read("DF04EF05|84|$", pin=GOOD, auth="pin") == "DF04EF05|370202|$"
+
+
+async def test_read_needs_pin_or_key(rig: Rig) -> None:
+    s = rig.session(with_psam=False)
+    assert await _code(s.read("DF04EF05|84|$")) in ("NO_PSAM", "INVALID_INPUT")
+    assert await _code(s.read("DF04EF08|$")) == "INVALID_INPUT"
+    assert await _code(s.read("DF04EF05|84|$", pin="999999", auth="pin")) == "PIN_WRONG"
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["", "DF04EF05|84|", "XX01EF05|84|$", "DF04EF99|84|$", "DF04EF05|ZZ|$", "DF04EF05|$",
+     "DF04EF05|55|$", "SSSEEF07|01|$", "DF04EF08|31|$", "DF04EF05|84:0|$", "A" * 2000 + "$"],
+)
+async def test_bad_addresses(rig: Rig, address: str) -> None:
+    assert await _code(rig.session().read(address, pin=GOOD)) == "BAD_PARAMETER"
+
+
+async def test_write_through_the_psam(rig: Rig) -> None:
+    s = rig.session()
+    assert await s.write("DF04EF05|84|$", "370203|$") == "DF04EF05|370203|$"
+    assert await s.read("DF04EF05|84|$") == "DF04EF05|370203|$"
+    assert await _code(s.write("DF04EF05|84|$", "37020X|$")) == "INVALID_INPUT"
+    assert await _code(s.write("DF04EF05|84|8C|$", "370203|$")) == "BAD_PARAMETER"
+
+
+async def test_record_settlement_on_the_chip(rig: Rig) -> None:
+    s = rig.session()
+    for seq in (1, 2):
+        rec = TxnRecord(seq, "370212000001", "20261125103000", 1250, 100, 1000)
+        assert await s.record_settlement(rec) is True
+    out = await s.read("DF04EF08|1|2|$", pin=GOOD, auth="pin")
+    assert out == ("DF04EF08|2^2^370212000001^20261125103000^12.50^1.00^10.00^|"
+                   "1^2^370212000001^20261125103000^12.50^1.00^10.00^|$")
+
+
+# --- PIN -----------------------------------------------------------------------------------------
+
+
+async def test_verify_pin_rules(rig: Rig) -> None:
+    s = rig.session()
+    await s.verify_pin(GOOD)
+    with pytest.raises(SSCardError) as ei:
+        await s.verify_pin("999999")
+    assert ei.value.code == "PIN_WRONG" and ei.value.details["tries_left"] == 2
+    assert ei.value.compat_code == -51 and "2" in ei.value.message
+    assert await _code(s.verify_pin("12")) == "PIN_LENGTH"
+    assert await _code(s.verify_pin("12ab56")) == "PIN_LENGTH"
+    await s.verify_pin(GOOD)  # resets the counter
+    for _ in range(2):
+        await _code(s.verify_pin("999999"))
+    assert await _code(s.verify_pin("999999")) == "PIN_BLOCKED"
+    assert await _code(s.verify_pin(GOOD)) == "PIN_BLOCKED"
+
+
+async def test_initial_pin_verifies_but_cannot_transact(tmp_path: Path) -> None:
+    rig = emulated_rig(tmp_path, 3, pin=INITIAL)
+    try:
+        s = rig.session()
+        err = await _code(s.verify_pin(INITIAL))
+        assert err == "PIN_INITIAL"
+        assert load_image(rig.card_image).pin.tries == 3  # type: ignore[arg-type]
+        assert await _code(s.change_pin(INITIAL, INITIAL, INITIAL)) == "PIN_TO_INITIAL"
+        assert await _code(s.change_pin(INITIAL, "112233", "112234")) == "PIN_MISMATCH"
+        await s.change_pin(INITIAL, "112233", "112233")
+        await s.verify_pin("112233")
+    finally:
+        await rig.close()
+
+
+async def test_pin_state_does_not_carry_over(rig: Rig) -> None:
+    s = rig.session(with_psam=False)
+    await s.verify_pin(GOOD)
+    # the card was reset after the verification: a PIN-protected read without the PIN fails
+    assert await _code(s.read("DF04EF08|$", auth="pin")) == "INVALID_INPUT"
+
+
+async def test_change_pin(rig: Rig) -> None:
+    s = rig.session()
+    assert await _code(s.change_pin("999999", "135790", "135790")) == "PIN_WRONG"
+    await s.change_pin(GOOD, "135790", "135790")
+    assert await _code(s.verify_pin(GOOD)) == "PIN_WRONG"
+    await s.verify_pin("135790")
+    assert await _code(s.change_pin(GOOD, None, None)) == "INVALID_INPUT"
+
+
+async def test_keypad_pin(rig: Rig) -> None:
+    if rig.keypad is None:
+        pytest.skip(f"{rig.kind} has no keypad")
+    s = rig.session()
+    rig.type_keys(GOOD)
+    await s.verify_pin()
+    rig.type_keys("999999")
+    assert await _code(s.verify_pin()) == "PIN_WRONG"
+    rig.type_keys(None)
+    assert await _code(s.verify_pin()) == "PIN_CANCELLED"
+    assert await _code(s.verify_pin()) == "PIN_TIMEOUT"  # nobody types
+    rig.type_keys("12")
+    assert await _code(s.verify_pin()) == "PIN_LENGTH"
+    rig.type_keys(GOOD, "112233", "112234")
+    assert await _code(s.change_pin()) == "PIN_MISMATCH"
+    rig.type_keys(GOOD, INITIAL, INITIAL)
+    assert await _code(s.change_pin()) == "PIN_TO_INITIAL"
+    rig.type_keys(GOOD, INITIAL.replace("1", "7"), INITIAL.replace("1", "7"))
+    await s.change_pin()
+    rig.type_keys("723456")
+    await s.verify_pin()
+
+
+# --- faults --------------------------------------------------------------------------------------
+
+
+async def _count_apdus(rig: Rig) -> int:
+    reader = rig.card_reader
+    before = reader.apdus  # type: ignore[attr-defined]
+    await rig.session().read_basic()
+    return int(reader.apdus) - before  # type: ignore[attr-defined]
+
+
+async def test_card_pulled_between_any_two_apdus(tmp_path: Path, generation: int) -> None:
+    rig = emulated_rig(tmp_path, generation)
+    try:
+        n = await _count_apdus(rig)
+        assert n >= 15
+        for k in range(n):
+            rig.card_reader.pull_card_after(k)  # type: ignore[attr-defined]
+            assert await _code(rig.session().read_basic()) == "CARD_REMOVED", k
+            assert await _code(rig.session().read_basic()) == "NO_CARD"
+            rig.card_reader.insert()  # type: ignore[attr-defined]
+            info = await rig.session().read_basic()
+            assert info.name == "张三"
+    finally:
+        await rig.close()
+
+
+async def test_foreign_card_is_not_sscard(tmp_path: Path) -> None:
+    from sscardd.readers.emulated import EmulatedReader
+
+    class Iso7816Card:  # answers like vicc's plain ISO card: no SSSE
+        atr = bytes.fromhex("3B8880010000000000718100F9")
+
+        def power_on(self) -> None: ...
+        def power_off(self) -> None: ...
+        def reset(self) -> None: ...
+
+        def execute(self, apdu: bytes) -> bytes:
+            return b"\x6a\x82" if apdu[1] == 0xA4 else b"\x6d\x00"
+
+    reader = EmulatedReader(Iso7816Card())  # type: ignore[arg-type]
+    rig = emulated_rig(tmp_path, 3)
+    try:
+        from sscardd.psam import PsamClient
+        from sscardd.session import CardSession
+
+        s = CardSession(reader, PsamClient(rig.psam_reader))  # type: ignore[arg-type]
+        assert await _code(s.read_basic()) == "NOT_SSCARD"
+        assert (await s.status())["sscard"] is False
+    finally:
+        await reader.close()
+        await rig.close()
+
+
+async def test_no_card(rig: Rig) -> None:
+    rig.card_reader.remove()  # type: ignore[attr-defined]
+    assert await _code(rig.session().read_basic()) == "NO_CARD"
+    assert (await rig.session().status()) == {"present": False}
+
+
+async def test_card_from_other_keys_is_not_genuine(tmp_path: Path) -> None:
+    from firmware_sim.personalise import CardParams, issue_card
+    from firmware_sim.sscard import SocialSecurityCard
+    from sscardd.psam import PsamClient
+    from sscardd.readers.emulated import EmulatedReader
+    from sscardd.session import CardSession
+
+    keys = {a: dict.fromkeys(filesystem.all_key_names(), bytes(range(16))) for a in Algorithm
+            if a is not Algorithm.SSF33}
+    from apdu_specs.keyfile import RootKeys
+
+    fake = SocialSecurityCard(issue_card(CardParams(generation=3), RootKeys("test", keys)))
+    reader = EmulatedReader(fake)
+    rig = emulated_rig(tmp_path, 3)
+    try:
+        s = CardSession(reader, PsamClient(rig.psam_reader))  # type: ignore[arg-type]
+        assert await _code(s.read_basic()) == "CARD_NOT_GENUINE"
+    finally:
+        await reader.close()
+        await rig.close()
+
+
+async def test_terminal_psam_lacks_puk_rights(rig: Rig) -> None:
+    from sscardd.psam import CardRef
+
+    psam = rig.session().psam
+    assert psam is not None
+    ref = CardRef(Algorithm.SM4, "370202", historical_bytes(bytes.fromhex(
+        "3B6D000000814A44468660370212345678")))
+    with pytest.raises(SSCardError) as ei:
+        await asyncio.to_thread(psam.auth_cryptogram, ref, "PUK", bytes(8), bytes(8))
+    assert ei.value.code == "PSAM_KEY_LEVEL" and ei.value.compat_code == -24
