@@ -1,9 +1,12 @@
-"""``sscard-emu``: issue emulated cards and PSAMs, and serve them into pcscd through vpcd.
+"""``sscard-emu``: issue emulated cards and PSAMs, and serve them into pcscd through vpcd or as a
+serial keypad reader on a pty.
 
     sscard-emu issue --out card.json [--generation 2|3 --name 张三 --ssn ... --pin 123456 ...]
     sscard-emu issue --psam --out psam.json [--terminal-no 370212000001] [--service-hall]
     sscard-emu serve --card card.json [--vpcd 127.0.0.1:35963]
                      [--psam psam.json --psam-vpcd 127.0.0.1:35964] [--t0]
+    sscard-emu serve --card card.json --serial [--serial-link PATH] [--keypad 246810,cancel,timeout]
+                     [--initial-pin 123456 ...]
     sscard-emu show card.json
 
 While ``serve`` runs, SIGUSR1 removes the card and SIGUSR2 re-inserts it (the PSAM stays);
@@ -28,6 +31,7 @@ from apdu_specs.filesystem import SSSE_EF05, SSSE_EF06_ITEMS
 from apdu_specs.psam import SERVICE_HALL_KEYS, TERMINAL_KEYS
 from firmware_sim.cos import ResponseMode
 from firmware_sim.image import CardImage, PsamImage
+from firmware_sim.keypad import TIMEOUT, KeypadConfig, ScriptedKeypad
 from firmware_sim.loader import load_card, load_psam
 from firmware_sim.personalise import (
     CardParams,
@@ -36,8 +40,10 @@ from firmware_sim.personalise import (
     issue_card,
     issue_psam,
 )
+from firmware_sim.serial_reader import SerialReaderFirmware, open_pty
 from firmware_sim.serve import Slot, log_trace
 from firmware_sim.store import ImageError, TearSafeStore
+from firmware_sim.vpcd import Card
 
 log = logging.getLogger("sscard-emu")
 
@@ -61,6 +67,28 @@ def _serial(value: str) -> bytes:
     if len(raw) != 4:
         raise argparse.ArgumentTypeError("serial must be 8 hex digits")
     return raw
+
+
+def _keypad_entries(value: str) -> list[str | None]:
+    """``--keypad``: comma-separated digits, ``cancel`` or ``timeout`` (errors never echo an entry)."""
+    out: list[str | None] = []
+    for n, raw in enumerate(value.split(","), 1):
+        entry = raw.strip()
+        if entry.lower() == "cancel":
+            out.append(None)
+        elif entry.lower() == "timeout":
+            out.append(TIMEOUT)
+        elif entry.isascii() and entry.isdigit():
+            out.append(entry)
+        else:
+            raise argparse.ArgumentTypeError(f"keypad entry {n} is not digits, 'cancel' or 'timeout'")
+    return out
+
+
+def _pin_digits(value: str) -> str:
+    if not (value.isascii() and value.isdigit() and 4 <= len(value) <= 16):
+        raise argparse.ArgumentTypeError("an initial PIN is 4 to 16 digits")
+    return value
 
 
 def default_keyfile() -> Path:
@@ -101,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     iss.add_argument("--issue-date", default=d.issue_date)
     iss.add_argument("--expiry-date", default=d.expiry_date)
 
-    srv = sub.add_parser("serve", help="plug a card (and PSAM) into pcscd through vpcd")
+    srv = sub.add_parser("serve", help="plug a card (and PSAM) into pcscd through vpcd, "
+                                       "or be a serial keypad reader on a pty")
     srv.add_argument("--card", type=Path, required=True)
     srv.add_argument("--vpcd", type=_hostport, default=("127.0.0.1", 35963))
     srv.add_argument("--psam", type=Path)
@@ -109,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--t0", action="store_true",
                      help="T=0-style responses: 61xx and GET RESPONSE for case-4 commands")
     srv.add_argument("--removed", action="store_true", help="start with the card removed")
+    srv.add_argument("--serial", action="store_true",
+                     help="be a serial keypad reader on a new pty instead of a vpcd card")
+    srv.add_argument("--serial-link", type=Path,
+                     help="with --serial: also make this symlink to the pty's slave")
+    srv.add_argument("--keypad", type=_keypad_entries, default=[],
+                     help="with --serial: scripted keypad entries (test PINs only), comma-separated: "
+                          "digits, 'cancel', 'timeout'; when they run out the keypad times out")
+    srv.add_argument("--initial-pin", type=_pin_digits, action="append",
+                     help="with --serial: an initial PIN the reader enforces (−35/−36); repeatable; "
+                          "default 123456")
 
     show = sub.add_parser("show", help="print an image's public content")
     show.add_argument("image", type=Path)
@@ -147,9 +186,15 @@ def cmd_issue(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.serial and args.psam:
+        raise UsageError("--psam needs vpcd; the serial reader has one card slot")
+    if not args.serial and (args.serial_link or args.keypad or args.initial_pin):
+        raise UsageError("--serial-link, --keypad and --initial-pin need --serial")
     mode = ResponseMode.T0 if args.t0 else ResponseMode.DIRECT
     card = load_card(args.card, mode)
     card.trace = log_trace("card")  # type: ignore[assignment]
+    if args.serial:
+        return _serve_serial(args, card)
     host, port = args.vpcd
     slots = [Slot(card, host, port, label="card")]
     if args.removed:
@@ -182,6 +227,61 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stop.wait(0.5)
     for s in slots:
         s.stop()
+    return 0
+
+
+def _link_pty(link: Path, target: str) -> None:
+    """Point ``link`` at the pty (replacing an older symlink, never a real file)."""
+    if link.exists() and not link.is_symlink():
+        raise UsageError(f"{link} exists and is not a symlink")
+    tmp = link.with_name(f".{link.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    tmp.replace(link)
+
+
+def _serve_serial(args: argparse.Namespace, card: Card) -> int:
+    keypad = ScriptedKeypad()
+    keypad.load(args.keypad)
+    config = KeypadConfig(initial_pins=tuple(args.initial_pin)) if args.initial_pin else KeypadConfig()
+    master, slave, path = open_pty()
+    # The slave stays open here too, so the master sees no hang-up between daemon connections.
+    reader = SerialReaderFirmware(master, card, keypad, config, inserted=not args.removed,
+                                  extra_fds=(slave,))
+    link: Path | None = args.serial_link
+    try:
+        if link is not None:
+            _link_pty(link, path)
+    except (UsageError, OSError) as exc:
+        reader.close()
+        if isinstance(exc, UsageError):
+            raise
+        raise UsageError(f"cannot create {link}: {exc.strerror}") from None
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if signum == signal.SIGUSR1:
+            log.info("SIGUSR1: removing the card")
+            reader.remove()
+        elif signum == signal.SIGUSR2:
+            log.info("SIGUSR2: inserting the card")
+            reader.insert()
+        else:
+            stop.set()
+
+    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    reader.start()
+    print(f"serving {args.card} as a serial keypad reader on {path}"
+          + (f" (link {link})" if link is not None else "")
+          + f"; open it as serial:{link or path}; SIGUSR1 removes, SIGUSR2 inserts", flush=True)
+    try:
+        while not stop.is_set():
+            stop.wait(0.5)
+    finally:
+        reader.close()
+        if link is not None and link.is_symlink() and os.readlink(link) == path:
+            link.unlink()
     return 0
 
 

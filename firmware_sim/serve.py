@@ -28,9 +28,13 @@ def redacted_apdu(apdu: bytes) -> str:
 
 
 def log_trace(label: str) -> object:
+    """APDU trace at DEBUG: the command (PIN bodies redacted) and only the length and status
+    word of the answer — a READ RECORD answer holds the holder's ID number and name."""
+
     def trace(cmd: bytes, resp: bytes) -> None:
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s > %s < %s", label, redacted_apdu(cmd), resp.hex().upper())
+            log.debug("%s > %s < <%d bytes> %s", label, redacted_apdu(cmd), max(len(resp) - 2, 0),
+                      resp[-2:].hex().upper())
 
     return trace
 

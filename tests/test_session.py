@@ -14,9 +14,9 @@ from apdu_specs.identifiers import historical_bytes, validate_card_no, validate_
 from sscardd.errors import SSCardError
 from sscardd.session import TxnRecord
 from tests.emu import roots
-from tests.rigs import GOOD, INITIAL, Rig, emulated_rig, load_image
+from tests.rigs import GOOD, INITIAL, Rig, emulated_rig, load_image, pcsc_rig, serial_rig
 
-RIGS = ["emulated"]
+RIGS = ["emulated", "pcsc", "serial"]
 
 
 @pytest.fixture(params=[2, 3], ids=lambda g: f"gen{g}")
@@ -26,7 +26,13 @@ def generation(request: pytest.FixtureRequest) -> int:
 
 @pytest.fixture(params=RIGS)
 async def rig(request: pytest.FixtureRequest, tmp_path: Path, generation: int) -> AsyncIterator[Rig]:
-    r = emulated_rig(tmp_path, generation)
+    if request.param == "pcsc":
+        request.getfixturevalue("pcscd")
+        r = pcsc_rig(tmp_path, generation)
+    elif request.param == "serial":
+        r = serial_rig(tmp_path, generation)
+    else:
+        r = emulated_rig(tmp_path, generation)
     try:
         yield r
     finally:
@@ -274,10 +280,12 @@ async def test_foreign_card_is_not_sscard(tmp_path: Path) -> None:
         await rig.close()
 
 
-async def test_no_card(rig: Rig) -> None:
-    rig.card_reader.remove()  # type: ignore[attr-defined]
+async def test_no_card_then_a_card(rig: Rig) -> None:
+    rig.remove_card()
     assert await _code(rig.session().read_basic()) == "NO_CARD"
     assert (await rig.session().status()) == {"present": False}
+    rig.insert_card()
+    assert (await rig.session().read_basic()).name == "张三"
 
 
 async def test_card_from_other_keys_is_not_genuine(tmp_path: Path) -> None:

@@ -33,7 +33,8 @@ T = TypeVar("T")
 
 __all__ = [
     "CardLink", "CardRemovedError", "KeypadResult", "KeypadStatus", "KeypadUnsupported", "LinkError",
-    "NoCardError", "Reader", "ReaderEvent", "ReaderEventKind", "ReaderGoneError", "map_link_error",
+    "NoCardError", "Reader", "ReaderChecksumError", "ReaderEvent", "ReaderEventKind", "ReaderGoneError",
+    "map_link_error",
 ]
 
 
@@ -55,6 +56,11 @@ class ReaderGoneError(LinkError):
 
 class KeypadUnsupported(LinkError):
     """This reader has no keypad."""
+
+
+class ReaderChecksumError(LinkError):
+    """The line to the reader garbles frames (a reply failed its checksum, or the reader kept
+    refusing ours); the command may or may not have run."""
 
 
 @dataclass(frozen=True)
@@ -204,6 +210,8 @@ def map_link_error(exc: LinkError, reader: str) -> SSCardError:
         return SSCardError("CARD_REMOVED", reader=reader)
     if isinstance(exc, ReaderGoneError):
         return SSCardError("READER_GONE", reader=reader)
+    if isinstance(exc, ReaderChecksumError):
+        return SSCardError("READER_CHECKSUM", str(exc), reader=reader)
     if isinstance(exc, KeypadUnsupported):
         return SSCardError("UNSUPPORTED", "this reader has no keypad", reader=reader)
     return SSCardError("CARD_NO_ANSWER", str(exc), reader=reader)

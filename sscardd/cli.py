@@ -1,0 +1,222 @@
+"""``sscardd``: the operator commands (the daemon itself comes with the settlement issue).
+
+    sscardd readers [--json]
+    sscardd read [--reader NAME] [--psam-reader NAME] [--json] [--address ADDR [--auth pin|key]]
+    sscardd pin verify [--reader NAME] [--keypad | --pin-stdin]
+    sscardd pin change [--reader NAME] [--keypad | --pin-stdin]
+
+NAME is a PC/SC reader name (``Virtual PCD 00 00``), ``serial:/dev/ttyUSB0`` or
+``emulated:IMAGE``. Without ``--reader`` the first PC/SC reader holding a card is used; without
+``--psam-reader`` every other PC/SC reader is asked for the PSAM application. PINs are never
+taken from the command line (other users see it in ``ps``): the reader's keypad, a prompt, or
+standard input (one PIN per line).
+
+Exit codes: 0 success, 1 a card/reader error (printed with its code and the reader-interface
+code), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import sys
+from typing import Any
+
+import structlog
+
+from sscardd import log
+from sscardd.errors import SSCardError
+from sscardd.psam import PsamClient
+from sscardd.readers import open_reader
+from sscardd.readers.base import Reader
+from sscardd.session import CardSession, PinPolicy
+
+log_ = structlog.get_logger("sscardd.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sscardd", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv APDU trace")
+    ap.add_argument("--log-json", action="store_true", help="JSON log lines on stderr")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("readers", help="list PC/SC readers and what they hold")
+    r.add_argument("--json", action="store_true")
+
+    def reader_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--reader", help="card reader (default: first PC/SC reader with a card)")
+        p.add_argument("--psam-reader", help="PSAM reader (default: found automatically)")
+        p.add_argument("--initial-pin", action="append", default=None,
+                       help="the region's initial PIN(s) (default 123456)")
+
+    rd = sub.add_parser("read", help="iReadCardBas, or iReadCard with --address")
+    reader_args(rd)
+    rd.add_argument("--json", action="store_true")
+    rd.add_argument("--address", help="file address, e.g. 'DF04EF05|84|$'")
+    rd.add_argument("--auth", choices=("key", "pin"), default="key")
+    rd.add_argument("--pin-stdin", action="store_true", help="read the PIN for --auth pin from stdin")
+    pin = sub.add_parser("pin", help="verify or change the cardholder PIN")
+    pin.add_argument("action", choices=("verify", "change"))
+    reader_args(pin)
+    src = pin.add_mutually_exclusive_group()
+    src.add_argument("--keypad", action="store_true", help="on the reader's keypad")
+    src.add_argument("--pin-stdin", action="store_true", help="PIN(s) from stdin, one per line")
+    return ap
+
+
+def _pcsc_readers() -> list[str]:
+    from sscardd.readers.pcsc import list_readers
+
+    return list_readers()
+
+
+async def _pick_card_reader(name: str | None) -> Reader:
+    if name:
+        return open_reader(name)
+    for candidate in _pcsc_readers():
+        reader = open_reader(candidate)
+        if await reader.present():
+            st = await CardSession(reader).status()
+            if st.get("sscard"):
+                return reader
+        await reader.close()
+    raise SSCardError("NO_CARD", "no PC/SC reader holds a social security card")
+
+
+async def _pick_psam(name: str | None, card_reader: Reader) -> PsamClient | None:
+    if name:
+        client = PsamClient(open_reader(name))
+        await asyncio.to_thread(client.probe)
+        return client
+    try:
+        names = _pcsc_readers()
+    except SSCardError:
+        return None  # no pcscd: no PSAM to find
+    for candidate in names:
+        if candidate == card_reader.name:
+            continue
+        reader = open_reader(candidate)
+        client = PsamClient(reader)
+        try:
+            await asyncio.to_thread(client.probe)
+            return client
+        except SSCardError:
+            await reader.close()
+    return None
+
+
+def _read_pins(n: int, use_stdin: bool) -> list[str]:
+    if use_stdin:
+        lines = [sys.stdin.readline().rstrip("\n") for _ in range(n)]
+        if any(not line for line in lines):
+            raise SSCardError("INVALID_INPUT", f"expected {n} PIN line(s) on stdin")
+        return lines
+    prompts = ["PIN: "] if n == 1 else ["old PIN: ", "new PIN: ", "new PIN again: "]
+    return [getpass.getpass(p) for p in prompts]
+
+
+def _print_error(exc: SSCardError, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"ok": False, "error": exc.to_dict()}, ensure_ascii=False))
+    else:
+        print(f"sscardd: {exc.code} ({exc.compat_code}): {exc.message} / {exc.message_zh}",
+              file=sys.stderr)
+
+
+async def _with_session(args: argparse.Namespace) -> tuple[CardSession, list[Reader]]:
+    card = await _pick_card_reader(args.reader)
+    opened: list[Reader] = [card]
+    psam = await _pick_psam(args.psam_reader, card)
+    if psam is not None:
+        opened.append(psam.reader)
+    policy = PinPolicy(frozenset(args.initial_pin or ["123456"]))
+    return CardSession(card, psam, pin_policy=policy, trace=log.apdu_trace), opened
+
+
+async def cmd_readers(args: argparse.Namespace) -> int:
+    rows: list[dict[str, Any]] = []
+    for name in _pcsc_readers():
+        reader = open_reader(name)
+        try:
+            row: dict[str, Any] = {"reader": name, "card": await reader.present()}
+            if row["card"]:
+                st = await CardSession(reader).status()
+                row["atr"] = st.get("atr")
+                if st.get("sscard"):
+                    row["holds"] = f"social security card (generation {st['generation']})"
+                else:
+                    try:
+                        row["holds"] = f"PSAM, terminal {await asyncio.to_thread(PsamClient(reader).probe)}"
+                    except SSCardError:
+                        row["holds"] = "other card"
+            rows.append(row)
+        except SSCardError as exc:
+            rows.append({"reader": name, "error": exc.code})
+        finally:
+            await reader.close()
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False, indent=1))
+    else:
+        for row in rows:
+            what = row.get("holds") or ("empty" if not row.get("card") else row.get("error", ""))
+            print(f"{row['reader']}: {what}")
+    return 0
+
+
+async def cmd_read(args: argparse.Namespace) -> int:
+    session, opened = await _with_session(args)
+    try:
+        if args.address:
+            pin = _read_pins(1, args.pin_stdin)[0] if args.auth == "pin" else None
+            out = await session.read(args.address, pin=pin, auth=args.auth)
+            print(json.dumps({"ok": True, "result": out}, ensure_ascii=False) if args.json else out)
+            return 0
+        info = await session.read_basic()
+        log_.info("card read", card_no=info.card_no, ssn=info.ssn, name=info.name)
+        if args.json:
+            print(json.dumps({"ok": True, "result": info.to_json()}, ensure_ascii=False, indent=1))
+        else:
+            print(info.compat())
+        return 0
+    finally:
+        for r in opened:
+            await r.close()
+
+
+async def cmd_pin(args: argparse.Namespace) -> int:
+    session, opened = await _with_session(args)
+    try:
+        if args.action == "verify":
+            pin = None if args.keypad else _read_pins(1, args.pin_stdin)[0]
+            await session.verify_pin(pin)
+        else:
+            pins = [None, None, None] if args.keypad else _read_pins(3, args.pin_stdin)
+            await session.change_pin(*pins)
+        print(f"PIN {'verified' if args.action == 'verify' else 'changed'}")
+        return 0
+    finally:
+        for r in opened:
+            await r.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = ["WARNING", "INFO", "DEBUG"][min(args.verbose, 2)]
+    log.configure(level, json=True if args.log_json else None)
+    handler = {"readers": cmd_readers, "read": cmd_read, "pin": cmd_pin}[args.cmd]
+    try:
+        return asyncio.run(handler(args))
+    except SSCardError as exc:
+        _print_error(exc, getattr(args, "json", False))
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception:  # a bug: logged through the redacting chain, never printed raw
+        log_.exception("unexpected error")
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())
