@@ -247,9 +247,15 @@ class CardSession:
     def _read_identity(self, ctx: _Op) -> tuple[bytes, str, str]:
         """SSSE, EF05: card id, spec version, card number; sets generation and region."""
         self._select_ssse(ctx)
-        self._select_ef(ctx, 0xEF05)
         ef05 = filesystem.SSSE_EF05
-        card_id = self._read_item(ctx, ef05.item(0x01))
+        try:
+            # A PSAM answers to the same name (sx1.sh.社会保障) but has no EF05.
+            self._select_ef(ctx, 0xEF05)
+            card_id = self._read_item(ctx, ef05.item(0x01))
+        except SSCardError as exc:
+            if exc.code != "CARD_STATUS":
+                raise
+            raise SSCardError("NOT_SSCARD", "no issuer data (EF05)") from None
         version = self._read_item(ctx, ef05.item(0x03))
         card_no = self._read_item(ctx, ef05.item(0x07))
         if len(card_id) != 16 or card_id[3:8] != identifiers.RID:
@@ -292,10 +298,9 @@ class CardSession:
 
     async def read_basic(self) -> BasicInfo:
         """``iReadCardBas``: identity fields plus the compat string; needs the PSAM."""
-        psam = self._need_psam()
-
         def body(ctx: _Op) -> BasicInfo:
-            card_id, version, card_no = self._read_identity(ctx)
+            card_id, version, card_no = self._read_identity(ctx)  # NOT_SSCARD before NO_PSAM
+            psam = self._need_psam()
             self._authenticate_card(ctx, psam)
             if ctx.generation >= 3:
                 self._external_auth(ctx, "RKSSSE", psam)
