@@ -131,6 +131,14 @@ class PsamClient:
         return self.reader.call_blocking(op)
 
     def probe(self) -> str:
-        """Check that this reader holds a PSAM; returns its terminal number."""
+        """Check that this reader holds a PSAM (it answers SELECT of the PSAM application
+        D15600000590); returns its terminal number."""
+
+        def op(link: CardLink) -> None:
+            r = self._exchange(link).send(A.select_aid(PSAM_AID, fci=False))
+            if r.sw != 0x9000:
+                raise SSCardError("NO_PSAM", f"no PSAM application: {r.sw:04X}")
+
+        self.reader.call_blocking(op)
         self._terminal_no = None
         return self.terminal_number()
