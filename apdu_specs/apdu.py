@@ -187,11 +187,50 @@ DELIVERY_SESSION_KEY = CommandSpec("DELIVERY SESSION KEY", 0xBF, 0xDE, "psam",
 CIPHER_DATA = CommandSpec("CIPHER DATA", 0x80, 0xFA, "psam",
                           doc="P1 00 enc, 02 enc more, 05 MAC, 07 MAC first, 03 next, 01 last")
 
+# PSAM key management and the offline-purchase pair (card-spec §3.5). Declared for completeness
+# of the shared vocabulary; the emulated PSAM is personalised by `sscard-emu issue` instead of
+# CREATE/CHANGE KEY, and networked settlement does not use the purchase pair.
+KeyRecordBody = cs.Struct(
+    "usage" / cs.Int8ub,  # b8-b6 diversification levels, b5-b1 key type
+    "key_id" / cs.Int8ub,
+    "version" / cs.Int8ub,
+    "algorithm" / cs.Int8ub,  # 00 3DES 16 B, 01 DES 8 B, 02 SSF33 16 B
+    "key" / cs.GreedyBytes,  # enciphered under the PSAM's transport key
+)
+InitSamForPurchaseBody = cs.Struct(
+    "card_random" / cs.Bytes(4),
+    "card_seq" / cs.Int16ub,
+    "account_amount" / cs.Int32ub,
+    "self_pay_amount" / cs.Int32ub,
+    "fund_amount" / cs.Int32ub,
+    "txn_type" / cs.Int8ub,
+    "date" / cs.Bytes(4),  # YYYYMMDD, BCD
+    "time" / cs.Bytes(3),  # hhmmss, BCD
+    "key_version" / cs.Int8ub,
+    "algorithm" / cs.Int8ub,
+    "factors" / cs.GreedyBytes,  # 8 × N: third, second, first level
+)
+InitSamForPurchaseResponse = cs.Struct("terminal_seq" / cs.Int32ub, "mac1" / cs.Bytes(4))
+PSAM_EXTERNAL_AUTHENTICATE = CommandSpec("PSAM EXTERNAL AUTHENTICATE", 0x00, 0x82, "psam",
+                                         data=AuthBody)
+CREATE_KEY = CommandSpec("CREATE KEY", 0x84, 0xD4, "psam", data=KeyRecordBody,
+                         doc="P1 00, P2 key file")
+CHANGE_KEY = CommandSpec("CHANGE KEY", 0x84, 0xD4, "psam", data=KeyRecordBody,
+                         doc="P1 01, P2 key file (same INS as CREATE KEY)")
+INIT_SAM_FOR_PURCHASE = CommandSpec("INIT SAM FOR PURCHASE", 0x80, 0x70, "psam",
+                                    data=InitSamForPurchaseBody,
+                                    response=InitSamForPurchaseResponse, doc="P1 01 P2 00")
+CREDIT_SAM_FOR_PURCHASE = CommandSpec("CREDIT SAM FOR PURCHASE", 0x80, 0x72, "psam",
+                                      data=MacOnlyBody, doc="bad MAC2 → 63CF")
+
 COMMANDS: tuple[CommandSpec, ...] = (
     SELECT, READ_BINARY, READ_RECORD, UPDATE_BINARY, UPDATE_RECORD, VERIFY, CHANGE_PIN,
     PIN_UNBLOCK_RELOAD, GET_CHALLENGE, INTERNAL_AUTHENTICATE, EXTERNAL_AUTHENTICATE, GET_RESPONSE,
     APPLICATION_BLOCK, CARD_BLOCK, INITIALIZE_ENVIRONMENT, DELIVERY_SESSION_KEY, CIPHER_DATA,
+    CREATE_KEY, INIT_SAM_FOR_PURCHASE, CREDIT_SAM_FOR_PURCHASE,
 )
+# Sharing a (CLA, INS) with a command above, so not in the dispatch table.
+ALIASES: tuple[CommandSpec, ...] = (PSAM_EXTERNAL_AUTHENTICATE, CHANGE_KEY)
 
 # P2 of READ/UPDATE RECORD: (SFI << 3) | mode
 REC_FIRST_ID = 0b000
@@ -239,8 +278,16 @@ def get_challenge(n: int = 8) -> CommandApdu:
     return GET_CHALLENGE.build(le=n)
 
 
-def verify(pin_bcd: bytes | None) -> CommandApdu:
-    return VERIFY.build(0, 0, pin_bcd or None)
+def verify(pin_bcd: bytes) -> CommandApdu:
+    """VERIFY with a PIN (BCD); :func:`verify_query` asks the state without one."""
+    if not pin_bcd:
+        raise ValueError("VERIFY needs a PIN; use verify_query() for the no-data query")
+    return VERIFY.build(0, 0, pin_bcd)
+
+
+def verify_query() -> CommandApdu:
+    """``00 20 00 00``: 9000 when verified, else 63Cx (no try spent)."""
+    return VERIFY.build(0, 0)
 
 
 def change_pin(old_bcd: bytes, new_bcd: bytes) -> CommandApdu:
@@ -248,8 +295,9 @@ def change_pin(old_bcd: bytes, new_bcd: bytes) -> CommandApdu:
 
 
 def internal_authenticate(session_input: bytes, plain: bytes) -> CommandApdu:
+    """``00 88 00 00 10 <input> <plain> 00``: case 4, Le 00 (card-spec §3.1)."""
     return INTERNAL_AUTHENTICATE.build(0, 0, {"first": session_input, "second": plain,
-                                              "key_version": None})
+                                              "key_version": None}, le=256)
 
 
 def external_authenticate(key_id: int, auth: bytes, plain: bytes) -> CommandApdu:

@@ -3,7 +3,7 @@
 A TOML file::
 
     format = "sscardd-keys/1"
-    purpose = "test"            # "test" or "production"; test keys are refused in production
+    purpose = "test"            # "test" or "production": lets a production host refuse test keys
     description = "..."
 
     [des3]                      # generation-2 cards: two-key 3DES root keys (16 bytes, hex)

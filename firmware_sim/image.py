@@ -132,10 +132,14 @@ class CardImage:
                 card_blocked=bool(d.get("card_blocked", False)),
                 meta=dict(d.get("meta", {})),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ImageError(f"card image is malformed: {exc!r}") from exc
         if img.generation not in (2, 3):
             raise ImageError(f"card image: generation must be 2 or 3, got {img.generation}")
+        if img.algorithm not in (0x01, 0x03):
+            raise ImageError(f"card image: algorithm must be 01 (3DES) or 03 (SM4), got {img.algorithm}")
+        if img.pin.max_tries < 1 or not 0 <= img.pin.tries <= img.pin.max_tries:
+            raise ImageError("card image: PIN counters out of range")
         return img
 
 
@@ -175,7 +179,7 @@ class PsamImage:
                 counter=int(d.get("counter", 0)),
                 meta=dict(d.get("meta", {})),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ImageError(f"PSAM image is malformed: {exc!r}") from exc
         if len(img.terminal_no) != 12 or not img.terminal_no.isdigit():
             raise ImageError("PSAM image: terminal_no must be 12 digits")

@@ -16,13 +16,14 @@ from firmware_sim.vpcd import Card, VpcdLink
 
 log = logging.getLogger(__name__)
 
-# Commands whose data field carries a PIN or PIN-derived secret: traced without their body.
-_SECRET_INS = {0x20, 0x5E, 0x24}
+# Commands whose data field may be traced: no PIN, no holder data (VERIFY, CHANGE PIN, 84 24,
+# UPDATE RECORD/BINARY and CIPHER DATA bodies are replaced by their length).
+_LOGGABLE_INS = {0xA4, 0xB0, 0xB2, 0x84, 0xC0, 0x88, 0x82, 0xDE, 0xEC}
 
 
 def redacted_apdu(apdu: bytes) -> str:
-    """Hex of a C-APDU for logs, with PIN-bearing bodies replaced by their length."""
-    if len(apdu) > 5 and apdu[1] in _SECRET_INS:
+    """Hex of a C-APDU for logs, with bodies that may carry secrets replaced by their length."""
+    if len(apdu) > 5 and apdu[1] not in _LOGGABLE_INS:
         return f"{apdu[:5].hex().upper()} <{len(apdu) - 5} bytes redacted>"
     return apdu.hex().upper()
 

@@ -387,7 +387,9 @@ class SocialSecurityCard(Cos):
                 if len(recs) >= spec.records:
                     recs.pop()
                 recs.insert(0, body)
-            elif mode == A.REC_NUMBER and p1 != 0:
+            elif mode == A.REC_NUMBER and p1 != 0 and not isinstance(spec.write, SM):
+                # A log written only by secure messaging (DF04/EF08) only ever appends: no
+                # holder of the write key may rewrite its history record by record.
                 if p1 > len(recs):
                     raise _fail(SW.RECORD_NOT_FOUND)
                 recs[p1 - 1] = body

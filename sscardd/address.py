@@ -36,10 +36,11 @@ class FileRef:
     ef: EfSpec
     items: tuple[ItemRef, ...] = ()
     records: tuple[int, ...] = ()  # cyclic files: record numbers
+    raw_name: str = ""  # as the caller wrote it (the output mirrors the input)
 
     @property
     def name(self) -> str:
-        return f"{self.df}{self.ef.name}"
+        return self.raw_name or f"{self.df}{self.ef.name}"
 
     @property
     def df_spec(self) -> DfSpec | None:
@@ -64,7 +65,7 @@ def parse(address: str, generation: int = 3) -> list[FileRef]:
         fields = part.split("|")
         if len(fields) < 2 or fields[-1] != "":
             raise _bad(f"{part!r}: a file is NAME|item|...| (each field ends with '|')")
-        m = _FILE.match(fields[0].upper())
+        m = _FILE.match(fields[0].upper()) if fields[0].isascii() else None
         if not m:
             raise _bad(f"unknown file {fields[0]!r}")
         df_name, ef_name = m.group(1), m.group(2)
@@ -77,14 +78,14 @@ def parse(address: str, generation: int = 3) -> list[FileRef]:
         if ef.structure is Structure.TRANSPARENT:
             if tokens:
                 raise _bad(f"{df_name}{ef_name} is transparent: no items")
-            out.append(FileRef(df_name, ef))
+            out.append(FileRef(df_name, ef, raw_name=fields[0]))
         elif ef.structure is Structure.CYCLIC:
             recs = []
             for t in tokens:
-                if not t.isdigit() or not 1 <= int(t) <= ef.records:
+                if not (t.isascii() and t.isdigit()) or not 1 <= int(t) <= ef.records:
                     raise _bad(f"{df_name}{ef_name}: record number {t!r} out of 1..{ef.records}")
                 recs.append(int(t))
-            out.append(FileRef(df_name, ef, records=tuple(recs)))
+            out.append(FileRef(df_name, ef, records=tuple(recs), raw_name=fields[0]))
         else:
             if not tokens:
                 raise _bad(f"{df_name}{ef_name}: name at least one record identifier")
@@ -97,7 +98,7 @@ def parse(address: str, generation: int = 3) -> list[FileRef]:
                 if ef.items and tag not in {i.tag for i in ef.items}:
                     raise _bad(f"{df_name}{ef_name} has no item {t}")
                 items.append(ItemRef(tag, int(im.group(2) or 1), t))
-            out.append(FileRef(df_name, ef, items=tuple(items)))
+            out.append(FileRef(df_name, ef, items=tuple(items), raw_name=fields[0]))
     return out
 
 

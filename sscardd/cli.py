@@ -4,6 +4,7 @@
     sscardd read [--reader NAME] [--psam-reader NAME] [--json] [--address ADDR [--auth pin|key]]
     sscardd pin verify [--reader NAME] [--keypad | --pin-stdin]
     sscardd pin change [--reader NAME] [--keypad | --pin-stdin]
+    sscardd broker-provision --terminals FILE [--out dynsec.json] [--backends N | --backend NAME ...]
 
 NAME is a PC/SC reader name (``Virtual PCD 00 00``), ``serial:/dev/ttyUSB0`` or
 ``emulated:IMAGE``. Without ``--reader`` the first PC/SC reader holding a card is used; without
@@ -22,11 +23,13 @@ import asyncio
 import getpass
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import structlog
 
-from sscardd import log
+from sscardd import broker, log
+from sscardd.broker import DEFAULT_ITERATIONS, ProvisionError
 from sscardd.errors import SSCardError
 from sscardd.psam import PsamClient
 from sscardd.readers import open_reader
@@ -63,6 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
     src = pin.add_mutually_exclusive_group()
     src.add_argument("--keypad", action="store_true", help="on the reader's keypad")
     src.add_argument("--pin-stdin", action="store_true", help="PIN(s) from stdin, one per line")
+    bp = sub.add_parser(
+        "broker-provision",
+        help="write mosquitto's dynamic-security file for the terminals and backends",
+        description="Writes a complete dynamic-security JSON file: per terminal a daemon client "
+        "(term-ID) and a POS client (pos-ID) with their own roles, and the backends with one shared "
+        "role. Passwords come from the terminals file or are generated and printed once on stdout; "
+        "a replaced file keeps the stored hashes of the clients it still lists (unless --rotate). "
+        "Restart the broker to apply it (SIGHUP does not reload it).",
+    )
+    bp.add_argument("--terminals", required=True, type=Path, metavar="FILE",
+                    help="TOML: [[terminal]] id, institution, daemon_password, pos_password, ...")
+    bp.add_argument("--out", type=Path, default=Path("dynsec.json"), metavar="FILE",
+                    help="the dynamic-security file to write (default dynsec.json)")
+    be = bp.add_mutually_exclusive_group()
+    be.add_argument("--backends", type=int, metavar="N", help="N backends, backend-1 ... backend-N")
+    be.add_argument("--backend", action="append", metavar="NAME", help="a backend by name (repeatable)")
+    bp.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
+                    help=f"PBKDF2-SHA512 iterations for new hashes (default {DEFAULT_ITERATIONS})")
+    bp.add_argument("--rotate", action="store_true",
+                    help="new passwords for every client without one in the terminals file")
     return ap
 
 
@@ -77,10 +100,11 @@ async def _pick_card_reader(name: str | None) -> Reader:
         return open_reader(name)
     for candidate in _pcsc_readers():
         reader = open_reader(candidate)
-        if await reader.present():
-            st = await CardSession(reader).status()
-            if st.get("sscard"):
+        try:
+            if await reader.present() and (await CardSession(reader).status()).get("sscard"):
                 return reader
+        except SSCardError as exc:  # a mute or garbage card elsewhere must not stop the search
+            log_.info("skipping reader", reader=candidate, error=exc.code)
         await reader.close()
     raise SSCardError("NO_CARD", "no PC/SC reader holds a social security card")
 
@@ -109,7 +133,7 @@ async def _pick_psam(name: str | None, card_reader: Reader) -> PsamClient | None
 
 def _read_pins(n: int, use_stdin: bool) -> list[str]:
     if use_stdin:
-        lines = [sys.stdin.readline().rstrip("\n") for _ in range(n)]
+        lines = [sys.stdin.readline().rstrip("\r\n") for _ in range(n)]
         if any(not line for line in lines):
             raise SSCardError("INVALID_INPUT", f"expected {n} PIN line(s) on stdin")
         return lines
@@ -201,11 +225,48 @@ async def cmd_pin(args: argparse.Namespace) -> int:
             await r.close()
 
 
+async def cmd_broker_provision(args: argparse.Namespace) -> int:
+    try:
+        terminals, backends = broker.load_terminals_file(args.terminals)
+        if args.backends is not None:
+            wanted = broker.default_backends(args.backends)
+        elif args.backend:
+            wanted = [broker.BackendSpec(broker.check_backend_name(n)) for n in args.backend]
+        else:
+            wanted = [] if backends else broker.default_backends(1)
+        # Backends named on the command line use the file's password for that name, if any.
+        from_file = {b.name: b for b in backends}
+        backends = [from_file.pop(b.name, b) for b in wanted] + list(from_file.values())
+        existing = None if args.rotate else broker.read_dynsec(args.out)
+        result = broker.provision(terminals, backends, iterations=args.iterations,
+                                  existing=existing, rotate=args.rotate)
+        broker.write_dynsec(args.out, result.config)
+    except ProvisionError as exc:
+        print(f"sscardd broker-provision: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"sscardd broker-provision: {args.out}: {exc.strerror}", file=sys.stderr)
+        return 1
+    log_.info("dynamic-security file written", path=str(args.out), clients=len(result.usernames),
+              generated=len(result.generated), kept=len(result.kept))
+    if result.generated:
+        # The only place a generated password appears: stdout, once (the file holds only hashes).
+        print("# generated passwords (username, password); shown once, the file holds only hashes")
+        for username, password in result.generated.items():
+            print(f"{username}\t{password}")
+    print(f"wrote {args.out}: {len(terminals)} terminal(s), {len(backends)} backend(s), "
+          f"{len(result.generated)} new password(s), {len(result.kept)} kept; restart mosquitto to "
+          "apply it, and make it readable by the broker's user (mosquitto drops to it)",
+          file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = ["WARNING", "INFO", "DEBUG"][min(args.verbose, 2)]
     log.configure(level, json=True if args.log_json else None)
-    handler = {"readers": cmd_readers, "read": cmd_read, "pin": cmd_pin}[args.cmd]
+    handler = {"readers": cmd_readers, "read": cmd_read, "pin": cmd_pin,
+               "broker-provision": cmd_broker_provision}[args.cmd]
     try:
         return asyncio.run(handler(args))
     except SSCardError as exc:

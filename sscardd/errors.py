@@ -81,7 +81,7 @@ class SSCardError(Exception):
     @property
     def compat_code(self) -> int:
         if self.kind.code == "CARD_STATUS":
-            return status.compat_code(int(self.details["sw"]))
+            return status.compat_code(int(self.details.get("sw", 0x6F00)))
         return self.kind.compat_code
 
     @property
@@ -89,7 +89,7 @@ class SSCardError(Exception):
         if self.kind.code == "PIN_WRONG" and "tries_left" in self.details:
             return f"wrong PIN, {self.details['tries_left']} tries left"
         if self.kind.code == "CARD_STATUS":
-            sw = int(self.details["sw"])
+            sw = int(self.details.get("sw", 0x6F00))
             return f"the card answered {sw:04X} ({status.meaning(sw)})"
         return self.kind.message
 
@@ -98,7 +98,7 @@ class SSCardError(Exception):
         if self.kind.code == "PIN_WRONG" and "tries_left" in self.details:
             return f"密码错误，还可以尝试{self.details['tries_left']}次"
         if self.kind.code == "CARD_STATUS":
-            sw = int(self.details["sw"])
+            sw = int(self.details.get("sw", 0x6F00))
             return f"卡片返回{sw:04X}（{status.meaning_zh(sw)}）"
         return self.kind.message_zh
 

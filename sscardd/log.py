@@ -1,8 +1,9 @@
 """Logging: structlog for our code, the standard library's loggers routed through the same chain,
 and one redaction processor early in it.
 
-What never reaches a log line in clear: PINs and PIN blocks (any key naming them, and the bodies
-of VERIFY ``00 20``, CHANGE PIN ``80 5E`` and PIN reload ``84 24`` in APDU traces), passwords,
+What never reaches a log line in clear: PINs and PIN blocks (any key naming them; in APDU traces
+only the bodies of an allow-list of commands that carry neither PINs nor holder data are shown),
+passwords,
 ID numbers (masked ``3702**********1237``, also when they appear inside free text), and names
 (``张*``). APDU traces log the command header, the body only for commands without secrets, and of
 the response only its length and status word — a READ RECORD answer holds the ID number and name
@@ -29,7 +30,11 @@ ID_KEYS = frozenset({"ssn", "id_number", "certno", "id_no"})
 NAME_KEYS = frozenset({"name", "holder_name", "psn_name"})
 # An 18-character PRC ID number standing alone in text.
 _ID_IN_TEXT = re.compile(r"(?<![0-9A-Za-z])(\d{6})(\d{8})(\d{3}[0-9Xx])(?![0-9A-Za-z])")
-_SECRET_INS = {0x20, 0x5E, 0x24}
+# Commands whose data field may be logged: it carries no PIN and no personal data. Everything
+# else (VERIFY, CHANGE PIN, 84 24, UPDATE RECORD/BINARY with holder data, the PSAM's CIPHER DATA
+# over such a record) is logged as header and length only.
+_LOGGABLE_BODY = {(0x00, 0xA4), (0x00, 0xB0), (0x00, 0xB2), (0x00, 0x84), (0x00, 0xC0),
+                  (0x00, 0x88), (0x00, 0x82), (0xBF, 0xDE), (0xBF, 0xEC)}
 REDACTED = "***"
 
 
@@ -75,7 +80,7 @@ def redact_exception_text(_logger: Any, _method: str,
 
 def apdu_summary(apdu: bytes) -> str:
     """A C-APDU for logs: header, and the body unless the command carries a PIN."""
-    if len(apdu) > 5 and apdu[1] in _SECRET_INS:
+    if len(apdu) > 5 and (apdu[0] & ~0x04 & 0xFF, apdu[1]) not in _LOGGABLE_BODY:
         return f"{apdu[:5].hex().upper()} <{len(apdu) - 5} bytes redacted>"
     return apdu.hex().upper()
 

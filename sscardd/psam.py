@@ -8,7 +8,9 @@ one :meth:`~sscardd.readers.base.Reader.call_blocking` into the PSAM reader's ow
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from apdu_specs import apdu as A
 from apdu_specs import crypto
@@ -18,8 +20,14 @@ from sscardd.errors import SSCardError
 from sscardd.readers.base import CardLink, Reader
 from sscardd.transport import Exchanger, TraceHook
 
+PSAM_TIMEOUT = 10.0  # seconds a card operation waits for the PSAM reader
+# Failures of the PSAM's reader (not of the user card) all mean: no usable PSAM.
+_READER_FAILURES = frozenset({"NO_CARD", "CARD_REMOVED", "READER_GONE", "READER_NOT_CONNECTED",
+                              "READER_UNAVAILABLE", "CARD_NO_ANSWER", "CARD_GARBAGE",
+                              "READER_CHECKSUM"})
 SW_KEY_NOT_FOUND = 0x6A88
 SW_FILE_NOT_FOUND = 0x6A82
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,15 @@ class PsamClient:
         self._terminal_no: str | None = None
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _call(self, op: Callable[[CardLink], T]) -> T:
+        try:
+            return self.reader.call_blocking(op, timeout=PSAM_TIMEOUT)
+        except SSCardError as exc:
+            if exc.code in _READER_FAILURES:
+                raise SSCardError("NO_PSAM", f"PSAM reader: {exc.code}",
+                                  reader=self.reader.name) from None
+            raise
 
     def _exchange(self, link: CardLink) -> Exchanger:
         return Exchanger(link, "psam", self.trace)
@@ -94,7 +111,7 @@ class PsamClient:
                     raise SSCardError("NO_PSAM", "terminal number is not BCD")
                 return digits
 
-            self._terminal_no = self.reader.call_blocking(op)
+            self._terminal_no = self._call(op)
         return self._terminal_no
 
     def auth_cryptogram(self, card: CardRef, key: str, session_input: bytes, plain: bytes) -> bytes:
@@ -114,7 +131,7 @@ class PsamClient:
                 raise SSCardError("BAD_CALCULATION_DATA", "PSAM answer length")
             return bytes(a ^ b for a, b in zip(out[:8], out[8:], strict=True))
 
-        return self.reader.call_blocking(op)
+        return self._call(op)
 
     def mac(self, card: CardRef, key: str, session_input: bytes, message: bytes) -> bytes:
         """The 4-byte secure-messaging MAC of ``message`` under the card's ``key``."""
@@ -128,7 +145,7 @@ class PsamClient:
                 raise SSCardError("BAD_CALCULATION_DATA", "PSAM MAC length")
             return out
 
-        return self.reader.call_blocking(op)
+        return self._call(op)
 
     def probe(self) -> str:
         """Check that this reader holds a PSAM (it answers SELECT of the PSAM application
@@ -139,6 +156,6 @@ class PsamClient:
             if r.sw != 0x9000:
                 raise SSCardError("NO_PSAM", f"no PSAM application: {r.sw:04X}")
 
-        self.reader.call_blocking(op)
+        self._call(op)
         self._terminal_no = None
         return self.terminal_number()

@@ -12,6 +12,7 @@ verification never carries over to another caller.
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -35,8 +36,15 @@ T = TypeVar("T")
 
 SW_OK = 0x9000
 KEYPAD_TIMEOUT = 30.0
+# Decoding what a card sent; host input is validated before an operation starts, so these can
+# only come from the card.
 _GARBAGE = (tlv.TlvError, FieldError, identifiers.IdentifierError, crypto.CryptoError,
-            construct.ConstructError, UnicodeDecodeError, ValueError, IndexError)
+            construct.ConstructError, UnicodeDecodeError, ValueError)
+# Characters a card value may not carry: they would shift the fields of the compat strings.
+_FORBIDDEN = frozenset("|$^") | frozenset(chr(c) for c in range(0x20))
+# Host-side PSAM shortfalls after which another way of meeting an access condition may be tried
+# (none of them cost the card a try).
+_PSAM_SHORTFALL = frozenset({"NO_PSAM", "PSAM_KEY_LEVEL", "PSAM_NO_RKSSSE", "PSAM_NO_ALGORITHM"})
 
 
 @dataclass(frozen=True)
@@ -58,10 +66,10 @@ class BasicInfo:
     """The holder's identity as ``iReadCardBas`` returns it."""
 
     region: str
-    ssn: str
+    ssn: str = field(repr=False)
     card_no: str
     card_id: bytes
-    name: str
+    name: str = field(repr=False)
     historical: bytes
     spec_version: str
     issue_date: str
@@ -70,6 +78,11 @@ class BasicInfo:
     device_no: str
     generation: int
     algorithm: Algorithm
+
+    def compat_gbk(self) -> bytes:
+        """The compat string as the reader DLL hands it over: GBK bytes (field lengths count
+        GBK bytes: a name of up to 50, i.e. 25 Chinese characters)."""
+        return self.compat().encode("gbk")
 
     def compat(self) -> str:
         """The exact 11-field ``iReadCardBas`` string, each field terminated by ``|``."""
@@ -110,6 +123,8 @@ class _Op:
     cur_df: str = ""
     authenticated: set[str] = field(default_factory=set)
     pin_verified: bool = False
+    genuine: bool = False  # INTERNAL AUTHENTICATE checked through the PSAM in this operation
+    fci_algorithm: int | None = None
 
     @property
     def ref(self) -> CardRef:
@@ -122,6 +137,7 @@ class _HsmPending:
     card_id: bytes
     int_input: bytes
     int_plain: bytes
+    ext_plain: bytes
     generation: int
 
 
@@ -136,6 +152,14 @@ class TxnRecord:
     self_pay_fen: int
     fund_fen: int
     txn_type: str = "2"  # medical settlement
+
+    def __post_init__(self) -> None:
+        try:
+            self.encode()
+        except (FieldError, ValueError, construct.ConstructError) as exc:
+            raise SSCardError("INVALID_INPUT", f"chip record: {exc}") from None
+        if min(self.account_fen, self.self_pay_fen, self.fund_fen) < 0:
+            raise SSCardError("INVALID_INPUT", "chip record: negative amount")
 
     def encode(self) -> bytes:
         return filesystem.DF04_EF08.encode_fixed({
@@ -204,6 +228,7 @@ class CardSession:
             raise SSCardError("NOT_SSCARD", "no FCI for SSSE") from None
         if fci.name and fci.name != filesystem.SSSE_AID:
             raise SSCardError("NOT_SSCARD", "FCI names another application")
+        ctx.fci_algorithm = fci.algorithm
         if fci.algorithm in (None, 0x01):
             ctx.alg = Algorithm.DES3
         elif fci.algorithm == 0x03:
@@ -242,7 +267,10 @@ class CardSession:
             return "" if item.kind != "b" else b""
         if r.sw != SW_OK:
             raise _sw_error(r.sw, f"READ RECORD {item.tag:02X}")
-        return item.decode_record(r.data)
+        value = item.decode_record(r.data)
+        if isinstance(value, str) and not _FORBIDDEN.isdisjoint(value):
+            raise SSCardError("CARD_GARBAGE", f"item {item.tag:02X} holds separator or control characters")
+        return value
 
     def _read_identity(self, ctx: _Op) -> tuple[bytes, str, str]:
         """SSSE, EF05: card id, spec version, card number; sets generation and region."""
@@ -265,6 +293,9 @@ class CardSession:
             raise SSCardError("BAD_CARD_ID", "region is not BCD")
         ctx.region, ctx.card_id = region, card_id
         ctx.generation = 3 if version.startswith("3") else 2
+        if ctx.fci_algorithm is None and region.startswith("11"):
+            # card-spec §2.2: Beijing cards without an algorithm tag use SSF33
+            raise SSCardError("PSAM_NO_ALGORITHM", "SSF33 card (Beijing, no algorithm tag)")
         return card_id, version, card_no
 
     def _authenticate_card(self, ctx: _Op, psam: PsamClient) -> None:
@@ -272,12 +303,17 @@ class CardSession:
         r2 = self._ok(ctx, A.get_challenge(8), "GET CHALLENGE")
         answer = self._ok(ctx, A.internal_authenticate(r2, r1), "INTERNAL AUTHENTICATE")
         expected = psam.auth_cryptogram(ctx.ref, "IRK", r2, r1)
-        if len(answer) != 8 or answer != expected:
+        if len(answer) != 8 or not hmac.compare_digest(answer, expected):
             raise SSCardError("CARD_NOT_GENUINE")
+        ctx.genuine = True
 
     def _external_auth(self, ctx: _Op, key: str, psam: PsamClient) -> None:
+        """EXTERNAL AUTHENTICATE with ``key`` — only after the card proved genuine in this
+        operation, so a wrong card (or wrong keys) never burns the card's key counters."""
         if key in ctx.authenticated:
             return
+        if not ctx.genuine:
+            self._authenticate_card(ctx, psam)
         plain = self._ok(ctx, A.get_challenge(8), "GET CHALLENGE")
         session_input = self._ok(ctx, A.get_challenge(8), "GET CHALLENGE")
         crypt = psam.auth_cryptogram(ctx.ref, key, session_input, plain)
@@ -304,7 +340,9 @@ class CardSession:
             self._authenticate_card(ctx, psam)
             if ctx.generation >= 3:
                 self._external_auth(ctx, "RKSSSE", psam)
-            return self._finish_basic(ctx, card_id, version, card_no, psam.terminal_number())
+            info = self._finish_basic(ctx, card_id, version, card_no, psam.terminal_number())
+            self._end_authenticated(ctx)
+            return info
 
         return await self._run(body)
 
@@ -337,7 +375,8 @@ class CardSession:
                 ext_plain = self._ok(ctx, A.get_challenge(8), "GET CHALLENGE")
                 # the last challenge: the card derives the external-auth session key from it
                 ext_input = self._ok(ctx, A.get_challenge(8), "GET CHALLENGE")
-            self._hsm = _HsmPending(ctx.link.atr, card_id, int_input, int_plain, ctx.generation)
+            self._hsm = _HsmPending(ctx.link.atr, card_id, int_input, int_plain, ext_plain,
+                                    ctx.generation)
             fields = [ctx.region, identifiers.historical_bytes(ctx.link.atr).hex().upper(),
                       f"{int(ctx.alg):02X}", card_id.hex().upper(), int_input.hex().upper(),
                       int_plain.hex().upper(), ext_input.hex().upper(), ext_plain.hex().upper()]
@@ -351,25 +390,28 @@ class CardSession:
         self._hsm = None
         if pending is None:
             raise SSCardError("INVALID_INPUT", "no HSM step 1 in progress")
-        parts = pkey.split("|") if isinstance(pkey, str) else []
-        if len(parts) != 3 or parts[2] != "" or len(parts[0]) != 32 or (
-                pending.generation >= 3 and len(parts[1]) != 32):
+        # card-spec §4.6: "<int 32 hex>|<ext 32 hex>|"; a 2.0 card gets the internal part only
+        parts = pkey.split("|") if isinstance(pkey, str) and len(pkey) <= 128 else []
+        if len(parts) == 2:
+            parts.insert(1, "")
+        if len(parts) != 3 or parts[2] != "" or len(parts[0]) != 32 or len(parts[1]) != (
+                32 if pending.generation >= 3 else 0):
             raise SSCardError("BAD_CALCULATION_DATA", "pKey must be intData intPlain|extData extPlain|")
         try:
             int_data, int_plain = bytes.fromhex(parts[0][:16]), bytes.fromhex(parts[0][16:])
             ext = bytes.fromhex(parts[1]) if parts[1] else b""
         except ValueError:
             raise SSCardError("BAD_CALCULATION_DATA", "pKey is not hex") from None
-        if int_plain != pending.int_plain:
-            raise SSCardError("BAD_CALCULATION_DATA", "pKey answers another challenge")
+        if int_plain != pending.int_plain or ext[8:] != pending.ext_plain:
+            raise SSCardError("BAD_CALCULATION_DATA", "pKey answers other challenges")
 
         def body(ctx: _Op) -> BasicInfo:
             if ctx.link.atr != pending.atr:
                 raise SSCardError("CARD_MISMATCH", "another card is in the reader")
             answer = self._ok(ctx, A.internal_authenticate(pending.int_input, pending.int_plain),
                               "INTERNAL AUTHENTICATE")
-            if answer != int_data:
-                raise SSCardError("CARD_NOT_GENUINE")
+            if not hmac.compare_digest(answer, int_data):
+                raise SSCardError("CARD_NOT_GENUINE")  # before any external auth: no tries burnt
             if pending.generation >= 3:
                 r = ctx.ex.send(A.external_authenticate(0x0A, ext[:8], ext[8:]))
                 if r.sw != SW_OK:
@@ -420,10 +462,16 @@ class CardSession:
     def _satisfy(self, ctx: _Op, ac: Any, pin: str | None, prefer: str) -> None:
         """Meet a read access condition: PIN (given), or a key through the PSAM."""
         if ac is PIN:
+            if ctx.pin_verified:
+                return
             if pin is None:
-                raise SSCardError("INVALID_INPUT", "this file needs the PIN")
-            if not ctx.pin_verified:
-                self._verify_clear(ctx, pin)
+                if prefer != "pin" or not self.card.has_keypad:
+                    raise SSCardError("INVALID_INPUT", "this file needs the PIN")
+                res = ctx.link.keypad_verify(KEYPAD_TIMEOUT)
+                _raise_keypad(res.status, res.sw)
+                ctx.pin_verified = True
+                return
+            self._verify_clear(ctx, pin)
             return
         if isinstance(ac, Key):
             self._external_auth(ctx, ac.name, self._need_psam())
@@ -438,24 +486,54 @@ class CardSession:
             terms.sort(key=lambda t: (t is not PIN) if pin_first else (t is PIN))
             last: SSCardError | None = None
             for t in terms:
-                if t is PIN and pin is None:
+                if t is PIN and pin is None and not (prefer == "pin" and self.card.has_keypad):
                     continue
                 try:
                     self._satisfy(ctx, t, pin, prefer)
                     return
                 except SSCardError as exc:
-                    if exc.code in ("PIN_WRONG", "PIN_BLOCKED", "CARD_REMOVED"):
+                    # Only a host-side shortfall (no PSAM, no key in it) may fall back; after
+                    # the card has answered, falling back would spend its tries.
+                    if exc.code not in _PSAM_SHORTFALL:
                         raise
                     last = exc
             raise last or SSCardError("INVALID_INPUT", "this file needs the PIN or a key")
 
-    async def read(self, address: str, *, pin: str | None = None, auth: str = "key") -> str:
-        """``iReadCard``: the address with values in place (see :mod:`sscardd.address`)."""
+    def _check_card_info(self, ctx: _Op, card_info: str | None) -> None:
+        """``pCardInfo`` of the reader interface: ``卡识别码|卡号|`` must match the card (−22)."""
+        if card_info is None:
+            return
+        parts = card_info.split("|") if isinstance(card_info, str) else []
+        if len(parts) != 3 or parts[2] != "":
+            raise SSCardError("BAD_PARAMETER", "card info is 卡识别码|卡号|")
+        card_no = self._read_item(ctx, filesystem.SSSE_EF05.item(0x07))
+        if parts[0].upper() != ctx.card_id.hex().upper() or parts[1] != card_no[:9]:
+            raise SSCardError("CARD_MISMATCH")
+
+    def _end_authenticated(self, ctx: _Op) -> None:
+        """Leave no external authentication behind for the next client of a shared reader:
+        selecting the MF ends it (another application selected)."""
+        if ctx.authenticated:
+            ctx.ex.send(A.select_fid(filesystem.MF_FID, A.SELECT_BY_FID))
+            ctx.authenticated.clear()
+
+    async def read(self, address: str, *, pin: str | None = None, auth: str = "key",
+                   card_info: str | None = None) -> str:
+        """``iReadCard``: the address with values in place (see :mod:`sscardd.address`).
+
+        ``auth``: how to meet "PIN or key" files — ``key`` through the PSAM, ``pin`` with ``pin``
+        or, when ``pin`` is None, on the reader's keypad. ``card_info`` (``卡识别码|卡号|``)
+        makes sure the right card is read.
+        """
         if auth not in ("key", "pin"):
             raise SSCardError("BAD_PARAMETER", "auth must be 'key' or 'pin'")
+        addr.parse(address)  # malformed addresses fail before the card is touched
+        if pin is not None:
+            self.pin_policy.check_format(pin)
 
         def body(ctx: _Op) -> str:
             self._read_identity(ctx)
+            self._check_card_info(ctx, card_info)
             refs = addr.parse(address, ctx.generation)
             results = []
             for ref in refs:
@@ -464,9 +542,10 @@ class CardSession:
                 if ref.ef.read is not FREE:
                     self._satisfy(ctx, ref.ef.read, pin, auth)
                 results.append((ref, self._read_values(ctx, ref)))
+            self._end_authenticated(ctx)
             return addr.format_result(results)
 
-        return await self._run(body, reset_after=pin is not None)
+        return await self._run(body, reset_after=pin is not None or auth == "pin")
 
     def _read_values(self, ctx: _Op, ref: addr.FileRef) -> list[str]:
         ef = ref.ef
@@ -499,38 +578,46 @@ class CardSession:
             values.append(v.hex().upper() if isinstance(v, bytes) else str(v))
         return values
 
-    async def write(self, address: str, data: str) -> str:
-        """``iWriteCard``: write values (same shape as a read result) under secure messaging."""
-        psam = self._need_psam()
+    async def write(self, address: str, data: str, *, card_info: str | None = None) -> str:
+        """``iWriteCard``: write values (same shape as a read result) under secure messaging,
+        MACed by the PSAM. Everything is encoded and checked before the card is touched."""
+        refs = addr.parse(address)
+        values = addr.parse_values(data, refs)
+        plan: list[tuple[addr.FileRef, str, int, int, int, bytes]] = []
+        for ref, vals in zip(refs, values, strict=True):
+            if ref.ef.structure is Structure.CYCLIC:
+                raise SSCardError("UNSUPPORTED", f"{ref.name}: cyclic files are not written here")
+            key = _write_key(ref.ef.write)
+            if ref.ef.structure is Structure.TRANSPARENT:
+                try:
+                    raw = bytes.fromhex(vals[0])
+                except ValueError:
+                    raise SSCardError("INVALID_INPUT", f"{ref.name}: value is not hex") from None
+                if not raw or len(raw) > min(ref.ef.size, 0xF0):
+                    raise SSCardError("INVALID_INPUT", f"{ref.name}: 1..240 bytes")
+                plan.append((ref, key, 0xD6, 0, 0, raw))
+                continue
+            for item_ref, text in zip(ref.items, vals, strict=True):
+                if item_ref.occurrence != 1:
+                    raise SSCardError("BAD_PARAMETER", f"{ref.name}|{item_ref.raw}: a write names "
+                                      "the first record with a tag")
+                item = _item_or_raw(ref.ef, item_ref.tag)
+                try:
+                    value: Any = bytes.fromhex(text) if item.kind == "b" else text
+                    record = item.encode_record(value)
+                except (FieldError, ValueError, construct.ConstructError) as exc:
+                    raise SSCardError("INVALID_INPUT", f"{ref.name}|{item_ref.raw}: {exc}") from None
+                plan.append((ref, key, 0xDC, item.tag, A.record_p2(0, A.REC_FIRST_ID), record))
 
         def body(ctx: _Op) -> str:
             self._read_identity(ctx)
-            refs = addr.parse(address, ctx.generation)
-            values = addr.parse_values(data, refs)
-            for ref, vals in zip(refs, values, strict=True):
-                if ref.ef.structure is Structure.CYCLIC:
-                    raise SSCardError("UNSUPPORTED", f"{ref.name}: cyclic files are not written here")
-                key = _write_key(ref.ef.write)
+            self._check_card_info(ctx, card_info)
+            psam = self._need_psam()
+            self._authenticate_card(ctx, psam)  # no MAC for a card that is not genuine
+            for ref, key, ins, p1, p2, body_bytes in plan:
                 self._select_df(ctx, ref.df)
                 self._select_ef(ctx, ref.ef.fid)
-                if ref.ef.structure is Structure.TRANSPARENT:
-                    try:
-                        raw = bytes.fromhex(vals[0])
-                    except ValueError:
-                        raise SSCardError("INVALID_INPUT", f"{ref.name}: value is not hex") from None
-                    if len(raw) > ref.ef.size or len(raw) > 0xF0:
-                        raise SSCardError("INVALID_INPUT", f"{ref.name}: value too long")
-                    self._sm_write(ctx, psam, key, 0xD6, 0, 0, raw)
-                    continue
-                for item_ref, text in zip(ref.items, vals, strict=True):
-                    item = _item_or_raw(ref.ef, item_ref.tag)
-                    try:
-                        value: Any = bytes.fromhex(text) if item.kind == "b" else text
-                        record = item.encode_record(value)
-                    except (FieldError, ValueError, construct.ConstructError) as exc:
-                        raise SSCardError("INVALID_INPUT", f"{ref.name}|{item_ref.raw}: {exc}") from None
-                    self._sm_write(ctx, psam, key, 0xDC, item.tag, A.record_p2(0, A.REC_FIRST_ID),
-                                   record)
+                self._sm_write(ctx, psam, key, ins, p1, p2, body_bytes)
             return addr.format_result([(r, v) for r, v in zip(refs, values, strict=True)])
 
         return await self._run(body)
@@ -608,6 +695,10 @@ class CardSession:
 
 
 def _raise_keypad(status: KeypadStatus, sw: int) -> None:
+    if status in (KeypadStatus.OK, KeypadStatus.INITIAL_PIN) and sw != SW_OK:
+        # a reader claiming success with a failing status word is not believed
+        raise _pin_error(sw) if sw & 0xFFF0 == 0x63C0 or sw == 0x6983 else SSCardError(
+            "CARD_GARBAGE", "keypad reader reported success with a failing status word")
     if status is KeypadStatus.OK:
         return
     if status is KeypadStatus.CARD_STATUS:
@@ -641,8 +732,9 @@ class _RawItem(DataItem):
         return raw
 
     def encode_value(self, value: Any) -> bytes:
-        if not isinstance(value, bytes) or len(value) > 0xFD:
-            raise FieldError("a free-form record value is up to 253 bytes")
+        if not isinstance(value, bytes) or len(value) > 0xF9:
+            # tag + length + value + 4-byte MAC must fit a short APDU's 255 data bytes
+            raise FieldError("a free-form record value is up to 249 bytes")
         return value
 
 

@@ -45,9 +45,13 @@ class Exchanger:
         """Send and resolve ``61xx``/``6Cxx``; returns the final data and status word."""
         raw = apdu.encode() if isinstance(apdu, CommandApdu) else apdu
         resp = self.raw(raw)
-        if resp.sw1 == 0x6C and len(raw) >= 4:
-            le = resp.sw2 or 256
+        if resp.sw1 == 0x6C:
+            # Only a command that expects data is repeated with the exact Le; a case-1/3
+            # command (a VERIFY, say) answered 6Cxx is garbage and is never sent twice.
             cmd = CommandApdu.parse(raw)
+            if cmd.le is None:
+                raise SSCardError("CARD_GARBAGE", "6Cxx to a command without Le", link=self.label)
+            le = resp.sw2 or 256
             resp = self.raw(CommandApdu(cmd.cla, cmd.ins, cmd.p1, cmd.p2, cmd.data, le).encode())
         data = bytearray(resp.data)
         rounds = 0

@@ -268,8 +268,8 @@ def test_auth_and_challenge_trace() -> None:
     auth = h("A1A2A3A4A5A6A7A8")
     assert A.get_challenge().encode() == h("0084000008")
     assert A.get_challenge(4).encode() == h("0084000004")
-    # 00880000 10 R2 R1 (R2 = session-key input, R1 = plain)
-    assert A.internal_authenticate(r2, r1).encode() == h("0088000010") + r2 + r1
+    # 00880000 10 R2 R1 00 (R2 = session-key input, R1 = plain; case 4, Le 00 per §3.1)
+    assert A.internal_authenticate(r2, r1).encode() == h("0088000010") + r2 + r1 + h("00")
     # 00 82 00 0A 10 <auth(8)> R3 (RKSSSE)
     assert A.external_authenticate(0x0A, auth, r3).encode() == h("0082000A10") + auth + r3
     # body layout round trip
@@ -282,8 +282,9 @@ def test_verify_and_change_pin() -> None:
     assert A.verify(crypto.pin_to_bcd("888888")).encode() == h("0020000003888888")
     assert A.verify(crypto.pin_to_bcd("12345")).encode() == h("002000000312345F")
     # the 4-byte case-1 query
-    assert A.verify(None).encode() == h("00200000")
-    assert A.verify(b"").encode() == h("00200000")
+    assert A.verify_query().encode() == h("00200000")
+    with pytest.raises(ValueError):
+        A.verify(b"")  # an empty PIN must never turn into the query
     # 80 5E 01 00: old ‖ FF ‖ new
     old, new = crypto.pin_to_bcd("123456"), crypto.pin_to_bcd("654321")
     assert A.change_pin(old, new).encode() == h("805E010007 123456 FF 654321")

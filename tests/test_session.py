@@ -96,8 +96,11 @@ async def test_no_psam_offers_the_hsm_two_step_read(rig: Rig, generation: int) -
 async def test_hsm_step2_with_a_wrong_answer_is_card_not_genuine(rig: Rig) -> None:
     session = rig.session(with_psam=False)
     f = (await session.read_basic_hsm_step1()).split("|")
-    bad = f"{'00' * 8}{f[5]}|{'00' * 16 if f[6] else ''}|"
+    bad = f"{'00' * 8}{f[5]}|{'00' * 8 + f[7] if f[6] else ''}|"
+    tries_before = load_image(rig.card_image).keys["RKSSSE"].tries  # type: ignore[arg-type]
     assert await _code(session.read_basic_hsm_step2(bad)) == "CARD_NOT_GENUINE"
+    # refused before the external authentication: no key try was spent
+    assert load_image(rig.card_image).keys["RKSSSE"].tries == tries_before  # type: ignore[arg-type]
     assert await _code(session.read_basic_hsm_step2(bad)) == "INVALID_INPUT"  # no step 1 pending
     await session.read_basic_hsm_step1()
     assert await _code(session.read_basic_hsm_step2("zz|")) == "BAD_CALCULATION_DATA"
@@ -189,10 +192,32 @@ async def test_initial_pin_verifies_but_cannot_transact(tmp_path: Path) -> None:
 
 
 async def test_pin_state_does_not_carry_over(rig: Rig) -> None:
+    """After an operation that verified the PIN the card is reset: the chip itself says the PIN
+    is no longer verified (VERIFY query 00 20 00 00 answers 63Cx, not 9000)."""
+    from sscardd.transport import Exchanger
+
+    def query(link: object) -> int:
+        ex = Exchanger(link)  # type: ignore[arg-type]
+        ex.send(bytes.fromhex("00A404000F7378312E73682EC9E7BBE1B1A3D5CF"))
+        return ex.send(bytes.fromhex("00200000")).sw
+
     s = rig.session(with_psam=False)
     await s.verify_pin(GOOD)
-    # the card was reset after the verification: a PIN-protected read without the PIN fails
-    assert await _code(s.read("DF04EF08|$", auth="pin")) == "INVALID_INPUT"
+    assert await rig.card_reader.run(query) == 0x63C3
+    await s.read("DF04EF05|84|$", pin=GOOD, auth="pin")
+    assert await rig.card_reader.run(query) == 0x63C3
+    if rig.keypad is not None:
+        rig.type_keys(GOOD)
+        await s.verify_pin()
+        assert await rig.card_reader.run(query) == 0x63C3
+
+
+async def test_keypad_pin_for_a_protected_read(rig: Rig) -> None:
+    if rig.keypad is None:
+        pytest.skip(f"{rig.kind} has no keypad")
+    rig.type_keys(GOOD)
+    out = await rig.session(with_psam=False).read("DF04EF08|$", auth="pin")
+    assert out == "DF04EF08|$"  # no records yet, but the PIN-protected file was read
 
 
 async def test_change_pin(rig: Rig) -> None:
@@ -320,3 +345,62 @@ async def test_terminal_psam_lacks_puk_rights(rig: Rig) -> None:
     with pytest.raises(SSCardError) as ei:
         await asyncio.to_thread(psam.auth_cryptogram, ref, "PUK", bytes(8), bytes(8))
     assert ei.value.code == "PSAM_KEY_LEVEL" and ei.value.compat_code == -24
+
+
+async def test_write_names_the_first_record_only(rig: Rig) -> None:
+    assert await _code(rig.session().write("DF04EF05|84:2|$", "370203|$")) == "BAD_PARAMETER"
+
+
+async def test_wrong_card_never_burns_key_tries(tmp_path: Path) -> None:
+    """A card from other keys fails INTERNAL AUTHENTICATE before any EXTERNAL AUTHENTICATE:
+    its RK1DF04/UK1DF04 counters stay as they were, however often it is tried."""
+    from apdu_specs.keyfile import RootKeys
+    from firmware_sim.personalise import CardParams, issue_card
+    from firmware_sim.sscard import SocialSecurityCard
+    from sscardd.psam import PsamClient
+    from sscardd.readers.emulated import EmulatedReader
+    from sscardd.session import CardSession
+
+    keys = {a: dict.fromkeys(filesystem.all_key_names(), bytes(range(16))) for a in Algorithm
+            if a is not Algorithm.SSF33}
+    fake = SocialSecurityCard(issue_card(CardParams(generation=3), RootKeys("test", keys)))
+    reader = EmulatedReader(fake)
+    rig = emulated_rig(tmp_path, 3)
+    try:
+        s = CardSession(reader, PsamClient(rig.psam_reader))  # type: ignore[arg-type]
+        for _ in range(5):
+            assert await _code(s.read("DF04EF05|84|$")) == "CARD_NOT_GENUINE"
+            assert await _code(s.write("DF04EF05|84|$", "370203|$")) == "CARD_NOT_GENUINE"
+        assert {k: fake.image.keys[k].tries for k in ("RK1DF04", "UK1DF04", "RKSSSE")} == {
+            "RK1DF04": 3, "UK1DF04": 3, "RKSSSE": 3}
+    finally:
+        await reader.close()
+        await rig.close()
+
+
+async def test_keypad_reader_claiming_success_with_a_failing_sw_is_not_believed(tmp_path: Path) -> None:
+    rig = emulated_rig(tmp_path, 3)
+    try:
+        reader = rig.card_reader
+        reader.firmware.verify = lambda execute: (0x00, 0x63C2)  # type: ignore[attr-defined]
+        assert await _code(rig.session().verify_pin()) == "PIN_WRONG"
+    finally:
+        await rig.close()
+
+
+async def test_compat_fields_cannot_be_shifted_by_card_data(tmp_path: Path) -> None:
+    from firmware_sim.personalise import CardParams, Holder, issue_card
+    from firmware_sim.sscard import SocialSecurityCard
+    from sscardd.psam import PsamClient
+    from sscardd.readers.emulated import EmulatedReader
+    from sscardd.session import CardSession
+
+    card = SocialSecurityCard(issue_card(CardParams(holder=Holder(name="张|三")), roots()))
+    reader = EmulatedReader(card)
+    rig = emulated_rig(tmp_path, 3)
+    try:
+        s = CardSession(reader, PsamClient(rig.psam_reader))  # type: ignore[arg-type]
+        assert await _code(s.read_basic()) == "CARD_GARBAGE"
+    finally:
+        await reader.close()
+        await rig.close()

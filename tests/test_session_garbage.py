@@ -8,7 +8,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sscardd.errors import KINDS, SSCardError
+from sscardd.errors import SSCardError
 from sscardd.psam import PsamClient
 from sscardd.readers.emulated import EmulatedReader
 from sscardd.session import CardSession, TxnRecord
@@ -51,18 +51,24 @@ responses = st.one_of(
     st.binary(min_size=1, max_size=30).map(lambda b: b + b"\x90\x00"),
 )
 
-OPS = ["read_basic", "status", "verify", "change", "read", "write", "record", "hsm"]
+OPS = ["read_basic", "status", "verify", "change", "read", "write", "record", "hsm", "hsm2"]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(script=st.lists(responses, min_size=1, max_size=8),
        mix=st.lists(st.booleans(), min_size=1, max_size=40),
-       op=st.sampled_from(OPS), garbage_psam=st.booleans())
+       op=st.sampled_from(OPS), garbage_psam=st.booleans(), gen=st.sampled_from([2, 3]),
+       t0=st.booleans(), pkey=st.text(max_size=80))
 def test_garbage_from_the_card_is_a_named_error(tmp_path_factory: object, script: list[bytes],
-                                                mix: list[bool], op: str, garbage_psam: bool) -> None:
+                                                mix: list[bool], op: str, garbage_psam: bool,
+                                                gen: int, t0: bool, pkey: str) -> None:
+    from firmware_sim.cos import ResponseMode
+
     tmp = Path(tmp_path_factory.mktemp("g"))  # type: ignore[attr-defined]
-    cp, pp = write_images(tmp, 3)
+    cp, pp = write_images(tmp, gen)
     real_card = EmulatedReader.from_image(cp).card
+    if t0:
+        real_card.mode = ResponseMode.T0
     real_psam = EmulatedReader.from_image(pp).card
     card = ScriptedCard(real_card, [] if garbage_psam else script, mix)
     psam = ScriptedCard(real_psam, script if garbage_psam else [], mix)
@@ -85,11 +91,15 @@ def test_garbage_from_the_card_is_a_named_error(tmp_path_factory: object, script
                 await s.write("DF04EF05|84|$", "370203|$")
             elif op == "record":
                 await s.record_settlement(TxnRecord(1, "370212000001", "20261125103000", 1, 2, 3))
+            elif op == "hsm":
+                await s.read_basic_hsm_step1()
             else:
                 await s.read_basic_hsm_step1()
+                await s.read_basic_hsm_step2(pkey)
         except SSCardError as exc:
-            assert exc.code in KINDS
-            assert isinstance(exc.compat_code, int)
+            d = exc.to_dict()
+            assert isinstance(d["compat_code"], int) and d["compat_code"] < 0
+            assert d["message"] and d["message_zh"]
         finally:
             await cr.close()
             await pr.close()

@@ -439,6 +439,16 @@ def test_ef08_cyclic_write_previous_mode_with_mac(card) -> None:  # type: ignore
     assert tx(card, "04DC004305AABBCCDDEE").sw == 0x6984  # no challenge left
 
 
+def test_ef08_history_cannot_be_rewritten_by_number(card) -> None:  # type: ignore[no-untyped-def]
+    ok(card, SELECT_DF04)
+    for seq in (1, 2):
+        assert sm_command(card, "UK2DF04", bytes.fromhex("04DC0043"), _ef08_record(seq)).sw == 0x9000
+    before = list(card.image.files["SSSE/DF04/EF08"].records or [])
+    # a valid MAC under UK2DF04, but record-number mode: refused, the log only ever appends
+    assert sm_command(card, "UK2DF04", bytes.fromhex("04DC0244"), _ef08_record(99)).sw == 0x6A86
+    assert card.image.files["SSSE/DF04/EF08"].records == before
+
+
 def test_ef08_identifier_modes_are_refused(card) -> None:  # type: ignore[no-untyped-def]
     ok(card, SELECT_DF04)
     ok(card, "0020000003123456")

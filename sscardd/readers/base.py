@@ -170,17 +170,26 @@ class Reader(abc.ABC):
             with contextlib.suppress(LinkError):
                 self._close_link(link, reset_after or not ok)
 
-    def call_blocking(self, op: Callable[[CardLink], T], *, reset_after: bool = False) -> T:
+    def call_blocking(self, op: Callable[[CardLink], T], *, reset_after: bool = False,
+                      timeout: float | None = None) -> T:
         """Run ``op`` in this reader's thread and wait — from *another* reader's worker thread.
 
         A card operation that needs the PSAM (which sits in another reader) calls it this way,
-        so each reader's handle is only ever used by its own thread.
+        so each reader's handle is only ever used by its own thread. ``timeout`` bounds the wait
+        (a reader stalled by a foreign PC/SC transaction must not hold the card for ever).
         """
         if self._closed:
             raise SSCardError("READER_NOT_CONNECTED", reader=self.name)
         if threading.get_ident() == self._worker_ident:
-            raise RuntimeError("call_blocking from the reader's own thread would deadlock")
-        return self._executor.submit(self._run_sync, op, reset_after).result()
+            raise SSCardError("BAD_PARAMETER", "the card and the PSAM cannot share one reader",
+                              reader=self.name)
+        future = self._executor.submit(self._run_sync, op, reset_after)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise SSCardError("READER_UNAVAILABLE", f"no answer within {timeout:g} s",
+                              reader=self.name) from None
 
     async def present(self) -> bool:
         loop = asyncio.get_running_loop()
@@ -197,7 +206,7 @@ class Reader(abc.ABC):
         self._closed = True
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._shutdown)
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._executor.shutdown, True)  # never block the event loop
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"

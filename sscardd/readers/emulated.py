@@ -49,8 +49,9 @@ class _EmulatedLink:
                     r.card.power_off()
                     raise CardRemovedError("card pulled (fault injection)")
                 r.pull_after -= 1
-        r.apdus += 1
-        return r.card.execute(apdu)
+            r.apdus += 1
+            # under the lock: a removal from another thread never lands mid-command
+            return r.card.execute(apdu)
 
     def reset(self) -> bytes:
         if not self.reader.inserted:
@@ -89,7 +90,7 @@ class EmulatedReader(Reader):
             is_psam = TearSafeStore(Path(path)).load().get("format") == PSAM_FORMAT
             card: Cos = load_psam(Path(path)) if is_psam else load_card(Path(path))
         except ImageError as exc:
-            raise SSCardError("READER_UNAVAILABLE", str(exc), reader=f"emulated:{path}") from exc
+            raise SSCardError("READER_UNAVAILABLE", str(exc), reader=f"emulated:{path}") from None
         return cls(card, name=f"emulated:{path}", **kw)  # type: ignore[arg-type]
 
     # fault and presence control (any thread)

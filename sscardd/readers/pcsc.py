@@ -211,7 +211,13 @@ class PcscReader(Reader):
             if rv in self._rc.service_lost:
                 self._drop_context()
             else:
-                self._drop_handle()
+                # the reset that was asked for must still happen (a verified PIN must not carry
+                # over): disconnecting with RESET does it
+                self._drop_handle(reset=reset)
+        elif reset:
+            # pcsc-lite makes a reset sticky on every handle, ours included ("card was reset"
+            # until a reconnect); start the next operation on a fresh connection.
+            self._drop_handle()
 
     def _card_present(self) -> bool:
         for attempt in range(2):
@@ -299,10 +305,11 @@ class PcscReader(Reader):
             return CardRemovedError(text) if during_op else NoCardError(text)
         return LinkError(text)
 
-    def _drop_handle(self) -> None:
+    def _drop_handle(self, reset: bool = False) -> None:
         if self._hcard is not None:
+            disposition = self._sc.SCARD_RESET_CARD if reset else self._sc.SCARD_LEAVE_CARD
             with contextlib.suppress(Exception):
-                self._sc.SCardDisconnect(self._hcard, self._sc.SCARD_LEAVE_CARD)
+                self._sc.SCardDisconnect(self._hcard, disposition)
             self._hcard = None
             self._atr = b""
 

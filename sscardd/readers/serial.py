@@ -126,6 +126,7 @@ class SerialReader(Reader):
         # reader's duplicate cache (see apdu_specs.serial_frame).
         self._seq = secrets.randbelow(255) + 1
         self._unanswered = False  # the last request went unanswered: do not wait again to close
+        self._must_power_cycle = False  # a reset is owed to the card (see _close_link)
 
     # -- events (any thread) --------------------------------------------------------------------
 
@@ -149,6 +150,11 @@ class SerialReader(Reader):
     # -- Reader (worker thread) -----------------------------------------------------------------
 
     def _open_link(self) -> CardLink:
+        if self._must_power_cycle:
+            # A reset was owed (e.g. after a PIN verification) but could not be sent: power
+            # off first, since POWER_ON alone keeps a powered card's state.
+            self._exchange(Command.POWER_OFF)
+            self._must_power_cycle = False
         result, atr = self._exchange(Command.POWER_ON)
         if result is Result.NO_CARD:
             raise NoCardError("no card in the reader")
@@ -158,9 +164,14 @@ class SerialReader(Reader):
         return _SerialLink(self, atr)
 
     def _close_link(self, link: CardLink, reset: bool) -> None:
-        if reset and self._ser is not None and not self._unanswered:
-            # Power off rather than reset: the next operation's POWER_ON starts cold anyway.
+        if not reset:
+            return
+        # Power off rather than reset: the next operation's POWER_ON starts cold anyway. If
+        # that cannot be done now, the next operation power-cycles before anything else.
+        self._must_power_cycle = True
+        if self._ser is not None and not self._unanswered:
             self._exchange(Command.POWER_OFF)
+            self._must_power_cycle = False
 
     def _card_present(self) -> bool:
         try:
