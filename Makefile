@@ -7,7 +7,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-LINT_PATHS := apdu_specs firmware_sim sscardd tests bench
+LINT_PATHS := apdu_specs firmware_sim sscardd backend_sim tests bench
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
