@@ -218,6 +218,25 @@ def run_sequence(card_conn: CardConnection, psam_conn: CardConnection) -> None:
     wrong_pin(card)
 
 
+def daemon_view() -> None:
+    """The same card through the daemon's card session (the ``sscardd`` CLI, a separate
+    program: the emulator never imports the daemon)."""
+    sscardd = Path(sys.executable).parent / "sscardd"
+    if not sscardd.exists():
+        note("(sscardd is not installed; skipping the daemon's view)")
+        return
+    print("\n-- the daemon's view: card session through pcscd (sscardd CLI) " + "-" * 15)
+    for args in (["readers"], ["read"]):
+        print(f"  $ sscardd {' '.join(args)}")
+        done = subprocess.run([str(sscardd), *args], stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=60)
+        if done.returncode != 0:
+            raise DemoError(f"sscardd {' '.join(args)} failed: {done.stderr.strip()}")
+        for line in done.stdout.strip().splitlines():
+            print(f"      {line}")
+    note("iReadCardBas: region|SSN|card no|card id|name|ATR hist|version|issued|expires|terminal|device|")
+
+
 def _issue(argv: list[str]) -> None:
     done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           timeout=120)
@@ -256,6 +275,7 @@ def demo(workdir: Path) -> None:
               f"(sscard-emu serve, pid {serve.pid})")
         with CardConnection(CARD_READER) as card_conn, CardConnection(PSAM_READER) as psam_conn:
             run_sequence(card_conn, psam_conn)
+        daemon_view()
     finally:
         if serve is not None:
             stop_process(serve)
