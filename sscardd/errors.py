@@ -59,6 +59,8 @@ _KINDS = [
     ErrorKind("READER_GONE", -11, "the reader went away", "读卡器已断开"),
     ErrorKind("CARD_GARBAGE", -4, "the card answered something malformed", "卡片应答数据错误"),
     ErrorKind("CARD_STATUS", 0, "the card refused the command", "卡片返回错误状态"),
+    ErrorKind("ID_REUSED", -23, "this request id was used within 24 hours with other arguments",
+              "请求编号在24小时内已用于其他参数"),
 ]
 KINDS: dict[str, ErrorKind] = {k.code: k for k in _KINDS}
 
