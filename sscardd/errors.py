@@ -61,6 +61,18 @@ _KINDS = [
     ErrorKind("CARD_STATUS", 0, "the card refused the command", "卡片返回错误状态"),
     ErrorKind("ID_REUSED", -23, "this request id was used within 24 hours with other arguments",
               "请求编号在24小时内已用于其他参数"),
+    # The POS message layer (sscardd.pos_api). ``field`` and ``reason`` details say what was wrong;
+    # they never echo a value the POS sent.
+    ErrorKind("BAD_REQUEST", -14, "malformed request", "请求格式错误"),
+    ErrorKind("UNKNOWN_OP", -13, "unknown operation", "不支持的操作"),
+    ErrorKind("PAYLOAD_TOO_LARGE", -14, "the request is too large", "请求数据过大"),
+    ErrorKind("REPLY_TOPIC_REFUSED", -23, "the reply topic lies outside this terminal's reply namespace",
+              "应答主题不在本终端的应答命名空间内"),
+    ErrorKind("CLEAR_PIN_REFUSED", -23,
+              "a clear PIN over MQTT is not allowed on this terminal (use the keypad or a PIN block)",
+              "本终端不允许通过MQTT传送明文密码（请使用密码键盘或密码块）"),
+    # −5 is the interface's "reader library failed": the nearest to "the middleware itself failed".
+    ErrorKind("INTERNAL_ERROR", -5, "internal error", "内部错误"),
 ]
 KINDS: dict[str, ErrorKind] = {k.code: k for k in _KINDS}
 
