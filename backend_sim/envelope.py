@@ -143,12 +143,18 @@ def parse_envelope(doc: dict[str, Any], max_ttl_seconds: int) -> Envelope:
 
 
 def answer(*, msgid: str | None, infno: str | None, refmsgid: str, now: datetime,
-           output: dict[str, Any] | None = None, refusal: Refusal | None = None) -> dict[str, Any]:
-    """The answer envelope (``infcode`` 0 with ``output``, or −1 with ``err_code``/``err_msg``)."""
+           output: dict[str, Any] | None = None, refusal: Refusal | None = None,
+           final: bool = True) -> dict[str, Any]:
+    """The answer envelope (``infcode`` 0 with ``output``, or −1 with ``err_code``/``err_msg``).
+
+    ``final`` is false for an answer the ledger did not store (INTERNAL_ERROR, INJECTED_FAILURE,
+    EXPIRED, MSGID_REUSED): it says nothing definite about the message, so a sender of a
+    2102/2103 must treat it as an unknown outcome (reverse), never as a refusal.
+    """
     if refusal is None:
         return {"infcode": 0, "inf_refmsgid": refmsgid, "msgid": msgid, "infno": infno,
                 "respond_time": fmt_time_ms(now), "err_code": None, "err_msg": None,
-                "output": output if output is not None else {}}
+                "final": final, "output": output if output is not None else {}}
     return {"infcode": -1, "inf_refmsgid": refmsgid, "msgid": msgid, "infno": infno,
             "respond_time": fmt_time_ms(now), "err_code": refusal.code, "err_msg": refusal.message,
-            "output": refusal.details}
+            "final": final, "output": refusal.details}

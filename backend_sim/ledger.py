@@ -207,10 +207,12 @@ class Ledger:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield self.db
+                # inside the try: a failed COMMIT must still roll back, or the connection stays
+                # in a write transaction and every instance blocks on the lock
+                self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
-            self.db.execute("COMMIT")
 
     def _prepare(self, seed: Seed | None, reset: bool) -> None:
         db = self.db
@@ -296,7 +298,7 @@ class Ledger:
                     return Result(row[1].encode(), msgid, row[4], row[2], row[3], replayed=True)
                 reused = Refusal("MSGID_REUSED", "the first request's answer stands")
                 ans = env_mod.answer(msgid=msgid, infno=infno_shown, refmsgid=self._refmsgid(now, 0),
-                                     now=now, refusal=reused)
+                                     now=now, refusal=reused, final=False)
                 return Result(_dumps(ans), msgid, infno_shown, -1, reused.code, alarm=True)
             seq = self._next("refmsg")
             refmsgid = self._refmsgid(now, seq)
@@ -304,6 +306,12 @@ class Ledger:
                 out, infno = self._process(terminal_id, doc, now)
                 ans = env_mod.answer(msgid=msgid, infno=infno, refmsgid=refmsgid, now=now, output=out)
             except Refusal as refusal:
+                if refusal.code == "EXPIRED":
+                    # Nothing happened: not stored, so a resend (a reversal retried with fresh
+                    # times) is processed afresh instead of getting this answer replayed for ever.
+                    ans = env_mod.answer(msgid=msgid, infno=infno_shown, refmsgid=refmsgid, now=now,
+                                         refusal=refusal, final=False)
+                    return Result(_dumps(ans), msgid, ans["infno"], -1, refusal.code)
                 ans = env_mod.answer(msgid=msgid, infno=infno_shown, refmsgid=refmsgid, now=now,
                                      refusal=refusal)
             body = _dumps(ans)
@@ -451,7 +459,8 @@ class Ledger:
         card_irk = crypto.derive(alg, root, crypto.diversification_factors(region, hist))
         if not hmac.compare_digest(identifiers.card_id_auth_code(alg, card_irk, card_sn[:12]), card_sn[12:]):
             raise Refusal("CARD_NOT_GENUINE", "the card identification code does not verify")
-        if not sale_auth.check_cryptogram(alg, root, region, hist, ctx.env.msgid, total, cryptogram):
+        if not sale_auth.check_cryptogram(alg, root, region, hist, ctx.env.msgid, total, ctx.terminal_id,
+                                          cryptogram):
             raise Refusal("CARD_NOT_GENUINE", "the sale cryptogram does not verify")
         return card_sn
 

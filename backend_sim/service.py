@@ -181,7 +181,8 @@ class Backend:
             if fault is not None:
                 now = env_mod.now_beijing()
                 ans = env_mod.answer(msgid=msgid, infno=infno, refmsgid="INJECTED", now=now,
-                                     refusal=Refusal("INJECTED_FAILURE", f"fault {fault.id}"))
+                                     refusal=Refusal("INJECTED_FAILURE", f"fault {fault.id}"),
+                                     final=False)
                 log.info("request", instance=self.instance, terminal_id=terminal_id, infno=infno, msgid=msgid,
                          infcode=-1, err_code="INJECTED_FAILURE")
                 await self._publish(client, response_topic, json.dumps(ans, ensure_ascii=False).encode(),
@@ -196,7 +197,7 @@ class Backend:
                       error=repr(exc)[:200])
             refusal = Refusal("INTERNAL_ERROR", "nothing was booked; the request may be resent")
             ans = env_mod.answer(msgid=msgid, infno=infno, refmsgid="ERROR", now=env_mod.now_beijing(),
-                                 refusal=refusal)
+                                 refusal=refusal, final=False)
             await self._publish(client, response_topic, json.dumps(ans, ensure_ascii=False).encode(),
                                 correlation, replayed=False)
             return

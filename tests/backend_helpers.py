@@ -72,9 +72,9 @@ class Card:
                             crypto.diversification_factors(self.region, self.hist))
         return first12 + identifiers.card_id_auth_code(self.alg, irk, first12)
 
-    def auth(self, msgid: str, total: str) -> dict[str, str]:
+    def auth(self, msgid: str, total: str, terminal_id: str = "370212000001") -> dict[str, str]:
         crypt = sale_auth.expected_cryptogram(self.alg, roots().get(self.alg, "IRK"), self.region, self.hist,
-                                              msgid, total)
+                                              msgid, total, terminal_id)
         return {"card_sn": self.card_sn.hex().upper(), "atr_hist": self.hist.hex().upper(),
                 "alg": f"{int(self.alg):02d}", "cryptogram": crypt.hex().upper()}
 
@@ -132,7 +132,7 @@ class Requests:
         inp: dict[str, Any] = {
             "mdtrt_cert_type": "03", "mdtrt_cert_no": person[0], "certno": person[1], "med_type": "41",
             "medfee_sumamt": total, "acct_used_flag": "1", "pin_verified": pin,
-            "card_auth": (card or Card()).auth(msgid, total), "drugdetail": lines,
+            "card_auth": (card or Card()).auth(msgid, total, self.terminal_id), "drugdetail": lines,
         }
         inp.update(extra)
         return self.envelope(infno, inp, msgid=msgid)

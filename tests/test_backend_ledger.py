@@ -313,7 +313,7 @@ def test_cryptogram_matches_the_emulated_card(ledger: Ledger, req: Requests) -> 
 
     card = new_card(3)
     doc = req.sale("2102", SALE)
-    si, plain = sale_auth.sale_challenge(doc["msgid"], doc["input"]["medfee_sumamt"])
+    si, plain = sale_auth.sale_challenge(doc["msgid"], doc["input"]["medfee_sumamt"], req.terminal_id)
     apdu_ok(card, SELECT_SSSE)
     answer = apdu_ok(card, "0088000010" + (si + plain).hex())
     ef05 = card.image.files["SSSE/EF05"]
@@ -399,10 +399,16 @@ def test_two_ledger_instances_share_one_file(ledger: Ledger, req: Requests, cloc
 def test_expired_request_refused(ledger: Ledger, req: Requests, clock: Clock) -> None:
     doc = req.sale("2102", SALE)
     clock.advance(31)
-    refused(send(ledger, doc), "EXPIRED")
+    late = send_raw(ledger, doc)
+    assert json.loads(late.answer)["err_code"] == "EXPIRED"
+    assert json.loads(late.answer)["final"] is False and not late.stored
     assert ledger.settlements() == []
     clock.advance(-31)
-    assert send_raw(ledger, doc).replayed  # the refusal is that msgid's answer
+    # EXPIRED is not stored (nothing happened): the same msgid in time is processed afresh —
+    # a reversal retried with fresh times must not get an old EXPIRED replayed for ever
+    again = send_raw(ledger, doc)
+    assert not again.replayed and json.loads(again.answer)["infcode"] == 0
+    assert json.loads(again.answer)["final"] is True
     doc = req.sale("2102", SALE)
     doc["exp_time"] = "2026-11-25 10:41:00"  # 11 minutes: longer than max_ttl_seconds
     refused(send(ledger, doc), "BAD_ENVELOPE")
@@ -638,7 +644,7 @@ def test_answer_envelope(ledger: Ledger, req: Requests) -> None:
     doc = req.identity()
     ans = send(ledger, doc)
     assert set(ans) == {"infcode", "inf_refmsgid", "msgid", "infno", "respond_time", "err_code", "err_msg",
-                        "output"}
+                        "final", "output"}
     assert ans["msgid"] == doc["msgid"] and ans["infno"] == "1101"
     assert ans["inf_refmsgid"].startswith("SIMBKD20261125103000")
 
