@@ -1,10 +1,10 @@
 """The card cryptogram every settlement carries, so no sale is booked without the genuine card.
 
 The daemon sends the card an INTERNAL AUTHENTICATE whose two 8-byte inputs are derived from the
-sale itself and the terminal that makes it; the backend recomputes the expected answer with its own root IRK, diversified down
-to the card (card-spec §4.3) from the card identification code's region and the ATR's historical
-bytes, which the request carries too. A replayed or altered request (other ``msgid``, other
-total, another terminal) yields other inputs and fails.
+sale itself and the terminal that makes it; the backend recomputes the expected answer with its
+own root IRK, diversified down to the card (card-spec §4.3) from the card identification code's
+region and the ATR's historical bytes, which the request carries too. A replayed or altered
+request (other ``msgid``, other total, another terminal) yields other inputs and fails.
 
 Derivation (documented contract between daemon and backend)::
 
