@@ -81,6 +81,7 @@ class State(StrEnum):
     UNKNOWN = "unknown"
     REVERSING = "reversing"
     REVERSED = "reversed"
+    REVERSAL_REFUSED = "reversal_refused"  # the backend refused the 2601: an operator must look
 
 
 Op = Literal["sale", "sale.void"]
@@ -91,17 +92,19 @@ _NEXT: Final[Mapping[State, frozenset[State]]] = {
     State.PRE_SETTLED: frozenset({State.SENT, State.PREVIEWED, State.REFUSED}),
     State.SENT: frozenset({State.SETTLED, State.REFUSED, State.UNKNOWN}),
     State.UNKNOWN: frozenset({State.REVERSING}),
-    State.REVERSING: frozenset({State.REVERSING, State.REVERSED}),
+    State.REVERSING: frozenset({State.REVERSING, State.REVERSED, State.REVERSAL_REFUSED}),
 }
 # Per op: a sale always pre-settles (2101) before it settles; a void has no pre-settlement.
 _NOT_FOR_OP: Final[Mapping[str, frozenset[tuple[State, State]]]] = {
     "sale": frozenset({(State.RECEIVED, State.SENT)}),
     "sale.void": frozenset({(State.RECEIVED, State.PRE_SETTLED)}),
 }
-FINAL_STATES: Final = frozenset({State.PREVIEWED, State.SETTLED, State.REFUSED, State.REVERSED})
+# reversal_refused is final for the machine (no automatic retry) but keeps its card held.
+FINAL_STATES: Final = frozenset({State.PREVIEWED, State.SETTLED, State.REFUSED, State.REVERSED,
+                                 State.REVERSAL_REFUSED})
 UNFINISHED_STATES: Final = frozenset(State) - FINAL_STATES
 # A settlement may have reached the backend and its outcome is not known: its card waits.
-HOLD_STATES: Final = frozenset({State.SENT, State.UNKNOWN, State.REVERSING})
+HOLD_STATES: Final = frozenset({State.SENT, State.UNKNOWN, State.REVERSING, State.REVERSAL_REFUSED})
 REVERSAL_STATES: Final = frozenset({State.UNKNOWN, State.REVERSING})
 
 
@@ -116,6 +119,16 @@ class IllegalTransition(JournalError):
         self.row_id, self.current, self.wanted = row_id, current, wanted
         super().__init__(f"journal row {row_id}: {current} → {wanted} is not allowed"
                          + (f" ({why})" if why else ""))
+
+
+class CardOnHold(JournalError):
+    """The card has a settlement whose outcome is not known (or whose reversal was refused)."""
+
+    code = "CARD_ON_HOLD"
+
+    def __init__(self, row_id: int, holding_row: int) -> None:
+        self.row_id, self.holding_row = row_id, holding_row
+        super().__init__(f"journal row {row_id}: its card is held by row {holding_row}")
 
 
 class IdReused(JournalError):
@@ -351,7 +364,7 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             card_no TEXT,
             psn_no TEXT,
             state TEXT NOT NULL CHECK (state IN ('received', 'pre_settled', 'previewed', 'sent',
-                'settled', 'refused', 'unknown', 'reversing', 'reversed')),
+                'settled', 'refused', 'unknown', 'reversing', 'reversed', 'reversal_refused')),
             preview INTEGER NOT NULL DEFAULT 0,
             created_at REAL NOT NULL,
             updated_at REAL NOT NULL,
@@ -645,6 +658,15 @@ class Journal:
         def check(r: sqlite3.Row, _now: float) -> Mapping[str, Any]:
             if (r["op"] == "sale") != (infno == "2102"):
                 raise ValueError(f"{r['op']} is settled with {'2102' if r['op'] == 'sale' else '2103'}")
+            if r["card_no"]:
+                # The hold is checked in the same transaction that marks this row sent, so two
+                # sales of one card can never both be in flight.
+                marks = ", ".join("?" for _ in HOLD_STATES)
+                other = self._db.execute(
+                    f"SELECT id FROM txn WHERE card_no = ? AND id != ? AND state IN ({marks}) LIMIT 1",
+                    (r["card_no"], row_id, *sorted(HOLD_STATES))).fetchone()
+                if other is not None:
+                    raise CardOnHold(row_id, int(other[0]))
             return {}
 
         return self._transition(row_id, State.SENT, now, msgids=[(msgid, infno)], more=check,
@@ -705,6 +727,17 @@ class Journal:
             return {"notes": self._with_note(r, {"at": now, "kind": "reversed", "note": _short(note)})}
 
         return self._transition(row_id, State.REVERSED, now, more=noted, next_retry_at=None)
+
+    def mark_reversal_refused(self, row_id: int, *, code: str, note: str = "",
+                              now: float | None = None) -> Entry:
+        """reversing → reversal_refused: the backend refused the 2601 (e.g. REVERSAL_CONFLICT,
+        NOT_REVERSIBLE). No automatic retry; the card stays held until an operator resolves it."""
+        def noted(r: sqlite3.Row, now: float) -> Mapping[str, Any]:
+            return {"notes": self._with_note(r, {"at": now, "kind": "reversal_refused",
+                                                 "note": _short(note)})} if note else {}
+
+        return self._transition(row_id, State.REVERSAL_REFUSED, now, more=noted, next_retry_at=None,
+                                error_code=_short(code))
 
     def mark_chip_written(self, row_id: int, *, now: float | None = None) -> Entry:
         """The settlement's DF04/EF08 record is on the chip now (pending → written)."""

@@ -23,6 +23,7 @@ from sscardd.journal import (
     REQUEST_ID_WINDOW,
     SCHEMA_VERSION,
     Amounts,
+    CardOnHold,
     DuplicateMsgid,
     Entry,
     IdReused,
@@ -58,12 +59,19 @@ def journal(tmp_path: Path) -> Iterator[Journal]:
     j.close()
 
 
-def sale(j: Journal, rid: str = "r1", card: str = CARD, *, now: float = T0, terminal: str = TERM,
+def card_for(rid: str) -> str:
+    """Each request its own card unless a test names one: a card is held while a sale of it is
+    in flight, so two sales in flight at once need two cards."""
+    return CARD if rid == "r1" else f"Z{rid:0>8}"[:9]
+
+
+def sale(j: Journal, rid: str = "r1", card: str | None = None, *, now: float = T0, terminal: str = TERM,
          args: dict[str, Any] | None = None) -> Entry:
+    card = card_for(rid) if card is None else card
     return j.begin(rid, "sale", args or SALE_ARGS, terminal_id=terminal, card_no=card, now=now).entry
 
 
-def sent_sale(j: Journal, rid: str = "r1", card: str = CARD, *, now: float = T0) -> Entry:
+def sent_sale(j: Journal, rid: str = "r1", card: str | None = None, *, now: float = T0) -> Entry:
     e = sale(j, rid, card, now=now)
     j.mark_pre_settled(e.id, msgid_2101=msgid(), amounts=AMOUNTS, now=now)
     return j.mark_sent(e.id, msgid=msgid(), infno="2102", now=now)
@@ -549,3 +557,25 @@ def test_any_sequence_follows_the_state_machine(tmp_path_factory: pytest.TempPat
                     call[step]()
                 assert j.get(e.id) == before
             assert j.card_on_hold(CARD) == (j.get(e.id).state in {State.SENT, State.UNKNOWN, State.REVERSING})
+
+
+def test_the_hold_is_checked_where_a_sale_is_marked_sent(journal: Journal) -> None:
+    first = sent_sale(journal, "h1", CARD_B)
+    second = sale(journal, "h2", CARD_B)
+    journal.mark_pre_settled(second.id, msgid_2101=msgid())
+    with pytest.raises(CardOnHold):
+        journal.mark_sent(second.id, msgid=msgid(), infno="2102")
+    assert journal.get(second.id).state is State.PRE_SETTLED  # nothing written
+    other = sent_sale(journal, "h3", CARD)  # another card is not affected
+    assert other.state is State.SENT and first.state is State.SENT
+
+
+def test_a_refused_reversal_keeps_the_card_held_and_is_not_retried(journal: Journal) -> None:
+    e = sent_sale(journal, "rr", CARD_B)
+    journal.mark_unknown(e.id, reversal_msgid=msgid())
+    journal.mark_reversing(e.id)
+    r = journal.mark_reversal_refused(e.id, code="REVERSAL_CONFLICT", note="voided meanwhile")
+    assert r.state is State.REVERSAL_REFUSED and r.final
+    assert journal.card_on_hold(CARD_B)
+    assert e.id not in [x.id for x in journal.unfinished()]
+    assert e.id not in [x.id for x in journal.pending_reversals(now=T0 + 10**6)]
