@@ -12,21 +12,10 @@ import logging
 import threading
 import time
 
+from apdu_specs.redaction import apdu_summary, response_summary
 from firmware_sim.vpcd import Card, VpcdLink
 
 log = logging.getLogger(__name__)
-
-# Commands whose data field may be traced: no PIN, no holder data (VERIFY, CHANGE PIN, 84 24,
-# UPDATE RECORD/BINARY and CIPHER DATA bodies are replaced by their length).
-_LOGGABLE_INS = {0xA4, 0xB0, 0xB2, 0x84, 0xC0, 0x88, 0x82, 0xDE, 0xEC}
-
-
-def redacted_apdu(apdu: bytes) -> str:
-    """Hex of a C-APDU for logs, with bodies that may carry secrets replaced by their length."""
-    if len(apdu) > 5 and apdu[1] not in _LOGGABLE_INS:
-        return f"{apdu[:5].hex().upper()} <{len(apdu) - 5} bytes redacted>"
-    return apdu.hex().upper()
-
 
 def log_trace(label: str) -> object:
     """APDU trace at DEBUG: the command (PIN bodies redacted) and only the length and status
@@ -34,8 +23,7 @@ def log_trace(label: str) -> object:
 
     def trace(cmd: bytes, resp: bytes) -> None:
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s > %s < <%d bytes> %s", label, redacted_apdu(cmd), max(len(resp) - 2, 0),
-                      resp[-2:].hex().upper())
+            log.debug("%s > %s < %s", label, apdu_summary(cmd), response_summary(resp))
 
     return trace
 
