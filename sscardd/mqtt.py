@@ -164,8 +164,9 @@ def tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
     return ctx
 
 
-def _publish_props(*, response_topic: str | None = None, correlation: bytes | None = None,
+def publish_properties(*, response_topic: str | None = None, correlation: bytes | None = None,
                    expiry: int | None = None, content_type: str | None = JSON_CONTENT_TYPE) -> Properties:
+    """MQTT 5 PUBLISH properties (Response Topic, Correlation Data, Message Expiry, content type)."""
     props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     if content_type is not None:
         props.ContentType = content_type
@@ -333,7 +334,7 @@ class DaemonLink:
         if self.presence:
             doc = {"state": "offline", "terminal_id": self.terminal_id}
             will = aiomqtt.Will(self.status_topic, json.dumps(doc).encode(), qos=1, retain=True,
-                                properties=_publish_props())
+                                properties=publish_properties())
         pw = self.cfg.password.value if self.cfg.password is not None else None
         return aiomqtt.Client(
             self.cfg.host, self.cfg.port,
@@ -366,7 +367,7 @@ class DaemonLink:
                 doc = {"state": "online", "terminal_id": self.terminal_id, "client_id": self.client_id,
                        "since": _now_text(), "version": __version__}
                 await client.publish(self.status_topic, json.dumps(doc).encode(), qos=1, retain=True,
-                                     properties=_publish_props())
+                                     properties=publish_properties())
             self._conn = conn
             self.connect_count += 1
             self.connected_since = _now_text()
@@ -398,7 +399,7 @@ class DaemonLink:
                     doc = {"state": "offline", "terminal_id": self.terminal_id, "reason": "shutdown"}
                     with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
                         await client.publish(self.status_topic, json.dumps(doc).encode(), qos=1,
-                                             retain=True, properties=_publish_props(),
+                                             retain=True, properties=publish_properties(),
                                              timeout=STOP_PUBLISH_TIMEOUT)
                 log.info("broker disconnected (stop)")
             if cancelled:
@@ -566,7 +567,7 @@ class DaemonLink:
             log.warning("refused: response topic outside the terminal's reply namespace",
                         response_topic=response_topic[:200])
             return False
-        props = _publish_props(correlation=correlation_data)
+        props = publish_properties(correlation=correlation_data)
         await self._publish(response_topic, payload, timeout or self.cfg.answer_timeout, properties=props)
         return True
 
@@ -582,7 +583,7 @@ class DaemonLink:
             async with asyncio.timeout(timeout):
                 ok = await self._publish_on(conn, self.events_topic,
                                             json.dumps(doc, ensure_ascii=False).encode(),
-                                            properties=_publish_props())
+                                            properties=publish_properties())
         except TimeoutError:
             ok = False
         if not ok:
@@ -615,7 +616,7 @@ class DaemonLink:
                     expiry = min(self.cfg.message_expiry, math.ceil(deadline - loop.time()) - 1)
                     if expiry < 1:
                         break
-                    props = _publish_props(response_topic=self.response_topic, correlation=corr,
+                    props = publish_properties(response_topic=self.response_topic, correlation=corr,
                                            expiry=expiry)
                     published = await self._publish_on(conn, self.request_topic, payload, properties=props)
                     if not published and not fut.done():

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from firmware_sim.lab import start_process, stop_process, tail_file
+from sscardd.mqtt import publish_properties
 
 HOST = "127.0.0.1"
 NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -194,14 +194,9 @@ class BackendProcess:
 
 def request_properties(response_topic: str | None, correlation: bytes | None,
                        expiry: int | None = None) -> Properties:
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    if response_topic is not None:
-        props.ResponseTopic = response_topic
-    if correlation is not None:
-        props.CorrelationData = correlation
-    if expiry is not None:
-        props.MessageExpiryInterval = expiry
-    return props
+    """A peer's PUBLISH properties: the daemon's own builder, without a content type."""
+    return publish_properties(response_topic=response_topic, correlation=correlation, expiry=expiry,
+                              content_type=None)
 
 
 def user_properties(msg: aiomqtt.Message) -> dict[str, str]:
