@@ -55,9 +55,10 @@ class An(cs.Adapter):  # type: ignore[misc]
 
 def encode_cn(value: str, length: int) -> bytes:
     if not value.isascii() or (value and not value.isdigit()):
-        raise FieldError(f"cn value must be digits, got {value!r}")
+        # never echo the value: it may be a birth date or another holder datum
+        raise FieldError("cn value must be digits")
     if len(value) > 2 * length:
-        raise FieldError(f"cn value {value!r} longer than {2 * length} digits")
+        raise FieldError(f"cn value longer than {2 * length} digits")
     return bytes.fromhex(value.ljust(2 * length, "F"))
 
 

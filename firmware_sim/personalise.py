@@ -68,7 +68,7 @@ def _check_date(label: str, value: str) -> None:
     try:
         dt.datetime.strptime(value, "%Y%m%d")
     except ValueError:
-        raise PersonalisationError(f"{label}: {value!r} is not a date YYYYMMDD") from None
+        raise PersonalisationError(f"{label}: not a date YYYYMMDD") from None
 
 
 def _check_params(p: CardParams) -> None:

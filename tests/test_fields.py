@@ -212,3 +212,14 @@ def test_adapters_on_arbitrary_bytes(raw: bytes, length: int, kind: str) -> None
     except (FieldError, cs.ConstructError):
         return
     assert isinstance(value, str)
+
+
+def test_field_errors_never_echo_the_value() -> None:
+    """A FieldError ends up in exception texts (write errors name it): the value must not."""
+    for bad in ("1990010X", "19900101199001011990"):
+        with pytest.raises(FieldError) as ei:
+            fields.encode_cn(bad, 4)
+        assert bad not in str(ei.value)
+    with pytest.raises(FieldError) as ei2:
+        fields.encode_an("张三丰" * 20, 30, "gbk")
+    assert "张三" not in str(ei2.value)

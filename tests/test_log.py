@@ -64,12 +64,15 @@ def test_apdu_trace_redacts_pin_bodies_and_response_data() -> None:
     assert '"r": "<32 bytes> 9000"' in out
 
 
-def test_error_messages_carry_no_secrets() -> None:
+def test_error_messages_are_fixed_texts_not_echoes() -> None:
+    """Every kind renders, and a message never includes what the caller put in ``detail``
+    (the place a careless caller might pass a PIN or an ID number)."""
     for code in KINDS:
         details = {"sw": 0x63C2} if code == "CARD_STATUS" else {}
-        err = SSCardError(code, **details)
+        err = SSCardError(code, f"pin 246810 for {SSN}", **details)
         d = err.to_dict()
         assert isinstance(d["compat_code"], int) and d["message"] and d["message_zh"]
+        assert "246810" not in json.dumps(d, ensure_ascii=False) and SSN not in json.dumps(d)
     err = SSCardError("PIN_WRONG", tries_left=2)
     assert err.compat_code == -51 and "2 tries" in err.message and "2次" in err.message_zh
     assert SSCardError("CARD_STATUS", sw=0x6A82).compat_code == -27266

@@ -125,7 +125,8 @@ async def test_read_addresses(rig: Rig) -> None:
 
 async def test_read_needs_pin_or_key(rig: Rig) -> None:
     s = rig.session(with_psam=False)
-    assert await _code(s.read("DF04EF05|84|$")) in ("NO_PSAM", "INVALID_INPUT")
+    # PIN or RK1DF04, no PIN given, no PSAM for the key: the shortfall is named
+    assert await _code(s.read("DF04EF05|84|$")) == "NO_PSAM"
     assert await _code(s.read("DF04EF08|$")) == "INVALID_INPUT"
     assert await _code(s.read("DF04EF05|84|$", pin="999999", auth="pin")) == "PIN_WRONG"
 
