@@ -109,6 +109,14 @@ class AllOf(Access):
         return any(t.needs_pin for t in self.terms)
 
 
+def sm_key(ac: Access) -> str | None:
+    """The key a secure-messaging write under ``ac`` is MACed with (None: no key-based access)."""
+    for t in (ac.terms if isinstance(ac, AnyOf | AllOf) else (ac,)):
+        if isinstance(t, Key | SM):
+            return t.name
+    return None
+
+
 FREE: Access = _Free()
 NEVER: Access = _Never()
 PIN: Access = _Pin()

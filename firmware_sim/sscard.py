@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from apdu_specs import apdu as A
 from apdu_specs import crypto, filesystem, status, tlv
-from apdu_specs.access import FREE, NEVER, PIN, SM, Access, AllOf, AnyOf, Key
+from apdu_specs.access import FREE, NEVER, PIN, SM, Access, AllOf, AnyOf, Key, sm_key
 from apdu_specs.apdu import CommandApdu
 from apdu_specs.crypto import Algorithm
 from apdu_specs.filesystem import DfSpec, EfSpec, Structure
@@ -217,13 +217,6 @@ class SocialSecurityCard(Cos):
         if crypto.mac(self.alg, sk, header + body) != mac:
             raise _fail(SW.MAC_INVALID)
         return body
-
-    def _sm_key_for(self, ac: Access) -> str | None:
-        """The key a secure-messaging write under ``ac`` is MACed with."""
-        for t in (ac.terms if isinstance(ac, AnyOf | AllOf) else (ac,)):
-            if isinstance(t, Key | SM):
-                return t.name
-        return None
 
     # -- SELECT ----------------------------------------------------------------------------------
 
@@ -439,7 +432,7 @@ class SocialSecurityCard(Cos):
             raise _fail(SW.WRONG_LENGTH)
         if not apdu.secure_messaging:
             return apdu.data, None
-        key = self._sm_key_for(ef.spec.write)
+        key = sm_key(ef.spec.write)
         if key is None:
             raise _fail(SW.CONDITIONS_NOT_SATISFIED)
         return self._verify_sm(apdu, key), key

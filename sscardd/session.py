@@ -21,7 +21,7 @@ import construct
 
 from apdu_specs import apdu as A
 from apdu_specs import crypto, filesystem, identifiers, tlv
-from apdu_specs.access import FREE, PIN, SM, AllOf, AnyOf, Key, card_key_id
+from apdu_specs.access import FREE, PIN, AllOf, AnyOf, Key, card_key_id, sm_key
 from apdu_specs.crypto import Algorithm
 from apdu_specs.fields import FieldError
 from apdu_specs.filesystem import DataItem, Structure
@@ -711,10 +711,10 @@ def _raise_keypad(status: KeypadStatus, sw: int) -> None:
 
 
 def _write_key(ac: Any) -> str:
-    for t in (ac.terms if isinstance(ac, AnyOf | AllOf) else (ac,)):
-        if isinstance(t, Key | SM):
-            return t.name
-    raise SSCardError("UNSUPPORTED", "this file cannot be written")
+    key = sm_key(ac)
+    if key is None:
+        raise SSCardError("UNSUPPORTED", "this file cannot be written")
+    return key
 
 
 def _item_or_raw(ef: filesystem.EfSpec, tag: int) -> DataItem:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,8 +12,13 @@ import pytest
 from apdu_specs import crypto, filesystem
 from apdu_specs.crypto import Algorithm
 from apdu_specs.identifiers import historical_bytes, validate_card_no, validate_ssn
+from apdu_specs.keyfile import RootKeys
+from firmware_sim.personalise import CardParams, Holder, issue_card
+from firmware_sim.sscard import SocialSecurityCard
 from sscardd.errors import SSCardError
-from sscardd.session import TxnRecord
+from sscardd.psam import PsamClient
+from sscardd.readers.emulated import EmulatedReader
+from sscardd.session import CardSession, TxnRecord
 from tests.emu import roots
 from tests.rigs import GOOD, INITIAL, Rig, emulated_rig, load_image, pcsc_rig, serial_rig
 
@@ -43,6 +49,25 @@ async def _code(coro: object) -> str:
     with pytest.raises(SSCardError) as ei:
         await coro  # type: ignore[misc]
     return ei.value.code
+
+
+@contextlib.asynccontextmanager
+async def card_with_genuine_psam(tmp_path: Path, card: object) -> AsyncIterator[CardSession]:
+    """A session on ``card`` (any emulated card object) with the project's genuine PSAM."""
+    reader = EmulatedReader(card)  # type: ignore[arg-type]
+    rig = emulated_rig(tmp_path, 3)
+    try:
+        yield CardSession(reader, PsamClient(rig.psam_reader))  # type: ignore[arg-type]
+    finally:
+        await reader.close()
+        await rig.close()
+
+
+def card_from_other_keys() -> SocialSecurityCard:
+    """A well-formed generation-3 card personalised under root keys that are not ours."""
+    keys = {a: dict.fromkeys(filesystem.all_key_names(), bytes(range(16))) for a in Algorithm
+            if a is not Algorithm.SSF33}
+    return SocialSecurityCard(issue_card(CardParams(generation=3), RootKeys("test", keys)))
 
 
 # --- identity --------------------------------------------------------------------------------------
@@ -280,8 +305,6 @@ async def test_card_pulled_between_any_two_apdus(tmp_path: Path, generation: int
 
 
 async def test_foreign_card_is_not_sscard(tmp_path: Path) -> None:
-    from sscardd.readers.emulated import EmulatedReader
-
     class Iso7816Card:  # answers like vicc's plain ISO card: no SSSE
         atr = bytes.fromhex("3B8880010000000000718100F9")
 
@@ -292,18 +315,9 @@ async def test_foreign_card_is_not_sscard(tmp_path: Path) -> None:
         def execute(self, apdu: bytes) -> bytes:
             return b"\x6a\x82" if apdu[1] == 0xA4 else b"\x6d\x00"
 
-    reader = EmulatedReader(Iso7816Card())  # type: ignore[arg-type]
-    rig = emulated_rig(tmp_path, 3)
-    try:
-        from sscardd.psam import PsamClient
-        from sscardd.session import CardSession
-
-        s = CardSession(reader, PsamClient(rig.psam_reader))  # type: ignore[arg-type]
+    async with card_with_genuine_psam(tmp_path, Iso7816Card()) as s:
         assert await _code(s.read_basic()) == "NOT_SSCARD"
         assert (await s.status())["sscard"] is False
-    finally:
-        await reader.close()
-        await rig.close()
 
 
 async def test_no_card_then_a_card(rig: Rig) -> None:
@@ -315,25 +329,8 @@ async def test_no_card_then_a_card(rig: Rig) -> None:
 
 
 async def test_card_from_other_keys_is_not_genuine(tmp_path: Path) -> None:
-    from firmware_sim.personalise import CardParams, issue_card
-    from firmware_sim.sscard import SocialSecurityCard
-    from sscardd.psam import PsamClient
-    from sscardd.readers.emulated import EmulatedReader
-    from sscardd.session import CardSession
-
-    keys = {a: dict.fromkeys(filesystem.all_key_names(), bytes(range(16))) for a in Algorithm
-            if a is not Algorithm.SSF33}
-    from apdu_specs.keyfile import RootKeys
-
-    fake = SocialSecurityCard(issue_card(CardParams(generation=3), RootKeys("test", keys)))
-    reader = EmulatedReader(fake)
-    rig = emulated_rig(tmp_path, 3)
-    try:
-        s = CardSession(reader, PsamClient(rig.psam_reader))  # type: ignore[arg-type]
+    async with card_with_genuine_psam(tmp_path, card_from_other_keys()) as s:
         assert await _code(s.read_basic()) == "CARD_NOT_GENUINE"
-    finally:
-        await reader.close()
-        await rig.close()
 
 
 async def test_terminal_psam_lacks_puk_rights(rig: Rig) -> None:
@@ -355,28 +352,13 @@ async def test_write_names_the_first_record_only(rig: Rig) -> None:
 async def test_wrong_card_never_burns_key_tries(tmp_path: Path) -> None:
     """A card from other keys fails INTERNAL AUTHENTICATE before any EXTERNAL AUTHENTICATE:
     its RK1DF04/UK1DF04 counters stay as they were, however often it is tried."""
-    from apdu_specs.keyfile import RootKeys
-    from firmware_sim.personalise import CardParams, issue_card
-    from firmware_sim.sscard import SocialSecurityCard
-    from sscardd.psam import PsamClient
-    from sscardd.readers.emulated import EmulatedReader
-    from sscardd.session import CardSession
-
-    keys = {a: dict.fromkeys(filesystem.all_key_names(), bytes(range(16))) for a in Algorithm
-            if a is not Algorithm.SSF33}
-    fake = SocialSecurityCard(issue_card(CardParams(generation=3), RootKeys("test", keys)))
-    reader = EmulatedReader(fake)
-    rig = emulated_rig(tmp_path, 3)
-    try:
-        s = CardSession(reader, PsamClient(rig.psam_reader))  # type: ignore[arg-type]
+    fake = card_from_other_keys()
+    async with card_with_genuine_psam(tmp_path, fake) as s:
         for _ in range(5):
             assert await _code(s.read("DF04EF05|84|$")) == "CARD_NOT_GENUINE"
             assert await _code(s.write("DF04EF05|84|$", "370203|$")) == "CARD_NOT_GENUINE"
-        assert {k: fake.image.keys[k].tries for k in ("RK1DF04", "UK1DF04", "RKSSSE")} == {
-            "RK1DF04": 3, "UK1DF04": 3, "RKSSSE": 3}
-    finally:
-        await reader.close()
-        await rig.close()
+    assert {k: fake.image.keys[k].tries for k in ("RK1DF04", "UK1DF04", "RKSSSE")} == {
+        "RK1DF04": 3, "UK1DF04": 3, "RKSSSE": 3}
 
 
 async def test_keypad_reader_claiming_success_with_a_failing_sw_is_not_believed(tmp_path: Path) -> None:
@@ -390,18 +372,6 @@ async def test_keypad_reader_claiming_success_with_a_failing_sw_is_not_believed(
 
 
 async def test_compat_fields_cannot_be_shifted_by_card_data(tmp_path: Path) -> None:
-    from firmware_sim.personalise import CardParams, Holder, issue_card
-    from firmware_sim.sscard import SocialSecurityCard
-    from sscardd.psam import PsamClient
-    from sscardd.readers.emulated import EmulatedReader
-    from sscardd.session import CardSession
-
     card = SocialSecurityCard(issue_card(CardParams(holder=Holder(name="张|三")), roots()))
-    reader = EmulatedReader(card)
-    rig = emulated_rig(tmp_path, 3)
-    try:
-        s = CardSession(reader, PsamClient(rig.psam_reader))  # type: ignore[arg-type]
+    async with card_with_genuine_psam(tmp_path, card) as s:
         assert await _code(s.read_basic()) == "CARD_GARBAGE"
-    finally:
-        await reader.close()
-        await rig.close()
