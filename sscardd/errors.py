@@ -71,6 +71,48 @@ _KINDS = [
     ErrorKind("CLEAR_PIN_REFUSED", -23,
               "a clear PIN over MQTT is not allowed on this terminal (use the keypad or a PIN block)",
               "本终端不允许通过MQTT传送明文密码（请使用密码键盘或密码块）"),
+    # Settlement (sscardd.service): not in the reader interface; the project's own range −3001….
+    # Refusals the backend names keep the backend's code where a POS acts on it (the backend's
+    # ``err_code`` is in the ``backend_code`` detail, its text in ``backend_message``); any other
+    # backend refusal is BACKEND_REFUSED.
+    ErrorKind("TERMINAL_MISMATCH", -3001, "the PSAM in the SAM slot belongs to another terminal",
+              "PSAM卡终端号与本终端配置不符"),
+    ErrorKind("CARD_ON_HOLD", -3002,
+              "an earlier settlement with this card has an unknown outcome and is being reversed; "
+              "try again shortly", "该卡上一笔结算结果未知，正在冲正，请稍后再试"),
+    ErrorKind("OUTCOME_UNKNOWN", -3003,
+              "the backend's answer was lost or ambiguous: the settlement is being reversed and "
+              "nothing stays booked", "结算应答丢失或不明确，正在冲正，不会扣款"),
+    ErrorKind("BACKEND_UNAVAILABLE", -3004, "the settlement backend did not answer; nothing was booked",
+              "医保结算中心无应答，未结算"),
+    ErrorKind("BACKEND_REFUSED", -3005, "the settlement backend refused the transaction",
+              "医保结算中心拒绝交易"),
+    ErrorKind("CARD_EXPIRED", -3006, "the card has expired", "卡已过有效期"),
+    ErrorKind("CARD_LOST", -3007, "the card is reported lost", "卡已挂失"),
+    ErrorKind("CARD_BLACKLISTED", -3008, "the card is blacklisted", "卡已列入黑名单"),
+    ErrorKind("CARD_CANCELLED", -3009, "the card is cancelled", "卡已注销"),
+    ErrorKind("CARD_NOT_ACTIVATED", -3010, "the card is not activated for medical insurance use",
+              "卡未激活医保应用"),
+    ErrorKind("INSTITUTION_SUSPENDED", -3011, "this institution is suspended from medical insurance",
+              "定点机构已暂停医保结算"),
+    ErrorKind("INSTITUTION_BLACKLISTED", -3012, "this institution is blacklisted", "定点机构已列入黑名单"),
+    ErrorKind("CROSS_REGION_NOT_FILED", -3013,
+              "cross-region settlement needs a filing (备案) in the insured region", "异地就医未备案"),
+    ErrorKind("NON_MEDICAL_ITEM", -3014,
+              "the personal account pays for medical items only: remove the lines listed",
+              "个人账户不能支付非医保药品或日用品"),
+    ErrorKind("UNKNOWN_ITEM", -3015, "items not in the catalogue", "项目不在医保目录中"),
+    ErrorKind("SETTLEMENT_NOT_FOUND", -3016, "no such settlement of this institution", "结算记录不存在"),
+    ErrorKind("ALREADY_VOIDED", -3017, "the settlement was already voided", "该结算已退费"),
+    ErrorKind("SETTLEMENT_REVERSED", -3018, "the settlement was reversed", "该结算已冲正"),
+    ErrorKind("PIN_REQUIRED", -3019,
+              "this institution requires the cardholder PIN: send a PIN block or use the keypad",
+              "本机构结算须验证持卡人密码"),
+    ErrorKind("SALE_INTERRUPTED", -3020,
+              "the daemon stopped before the settlement was sent; nothing was booked",
+              "结算发送前服务中断，未结算"),
+    ErrorKind("PERSON_NOT_FOUND", -3021, "the backend knows no insured person for this card",
+              "未查询到参保人信息"),
     # −5 is the interface's "reader library failed": the nearest to "the middleware itself failed".
     ErrorKind("INTERNAL_ERROR", -5, "internal error", "内部错误"),
 ]

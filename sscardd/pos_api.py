@@ -692,6 +692,15 @@ def error_reply(request_id: str | None, error: SSCardError) -> bytes:
 Handler: TypeAlias = Callable[[PosRequest], Awaitable[Mapping[str, Any]]]
 
 
+class StoredReply(Exception):
+    """Raised by a handler to answer with a reply stored earlier (a repeated ``sale``/``sale.void``
+    request id): ``reply`` is ``{"ok": ..., "result"|"error": ...}``; the request's id is put in."""
+
+    def __init__(self, reply: Mapping[str, Any]) -> None:
+        super().__init__("stored reply")
+        self.reply = reply
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What the transport does with one request: publish ``payload`` on ``topic`` with
@@ -749,6 +758,13 @@ class Dispatcher:
                 _bad("op", "this operation is not served by this daemon", "UNKNOWN_OP")
             result = await handler(req)
             body = ok_reply(req.id, result)
+        except StoredReply as stored:
+            reply = dict(stored.reply)
+            ok = reply.get("ok") is True
+            code = "OK" if ok else str((reply.get("error") or {}).get("code", "INTERNAL_ERROR"))
+            _check_json(reply, "stored reply")
+            body = _dumps({"id": req.id, **{k: v for k, v in reply.items() if k != "id"}})
+            log.info("pos.stored_reply", op=req.op, request_id=req.id, code=code)
         except SSCardError as exc:
             code = exc.code
             body = error_reply(req.id, exc)

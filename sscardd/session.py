@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -166,6 +166,22 @@ class TxnRecord:
             "seq": self.seq & 0xFFFF, "txn_type": self.txn_type, "terminal": self.terminal,
             "time": self.time, "account_fen": self.account_fen, "self_pay_fen": self.self_pay_fen,
             "fund_fen": self.fund_fen})
+
+
+@dataclass(frozen=True)
+class SaleAuth:
+    """What :meth:`CardSession.authorise_sale` got from the card (the backend's ``card_auth``)."""
+
+    card_id: bytes
+    historical: bytes
+    algorithm: Algorithm
+    cryptograms: tuple[bytes, ...]
+    pin_verified: bool
+
+    def card_auth(self, index: int) -> dict[str, str]:
+        """The ``card_auth`` object of the ``index``-th challenge's message."""
+        return {"card_sn": self.card_id.hex().upper(), "atr_hist": self.historical.hex().upper(),
+                "alg": f"{int(self.algorithm):02d}", "cryptogram": self.cryptograms[index].hex().upper()}
 
 
 def _sw_error(sw: int, what: str) -> SSCardError:
@@ -631,13 +647,16 @@ class CardSession:
         if r.sw != SW_OK:
             raise _sw_error(r.sw, f"write under {key}")
 
-    async def record_settlement(self, record: TxnRecord) -> bool:
+    async def record_settlement(self, record: TxnRecord, *, card_id: bytes | None = None) -> bool:
         """Record a settlement in DF04/EF08 (card-spec §2.7 project rule). False when the card
-        refuses (a real card may); the settlement stands either way."""
+        refuses (a real card may); the settlement stands either way. With ``card_id``, the card in
+        the reader must be that card (CARD_MISMATCH otherwise: nothing is written)."""
         psam = self._need_psam()
 
         def body(ctx: _Op) -> bool:
-            self._read_identity(ctx)
+            cid, _, _ = self._read_identity(ctx)
+            if card_id is not None and cid != card_id:
+                raise SSCardError("CARD_MISMATCH", "another card is in the reader")
             self._select_df(ctx, "DF04")
             challenge = self._ok(ctx, A.get_challenge(8), "GET CHALLENGE")
             raw = record.encode()
@@ -646,6 +665,48 @@ class CardSession:
             return ctx.ex.send(header + raw + mac).sw == SW_OK
 
         return await self._run(body)
+
+    # -- sale --------------------------------------------------------------------------------
+
+    async def authorise_sale(self, card_id: bytes, challenges: Sequence[tuple[bytes, bytes]], *,
+                             pin: str | None = None, keypad: bool = False) -> SaleAuth:
+        """One operation for a sale (architecture.md, "Every settlement carries the card's
+        INTERNAL AUTHENTICATE answer"): check that the card read before (``card_id``) is still the
+        one in the reader, verify the PIN (``pin``, or the reader's keypad) when asked, and have the
+        card answer INTERNAL AUTHENTICATE for each ``(session_input, plain)`` of
+        :func:`apdu_specs.sale_auth.sale_challenge`. An initial PIN verifies but cannot transact
+        (PIN_INITIAL). The card is reset afterwards whenever a PIN was verified."""
+        if pin is not None and keypad:
+            raise ValueError("a PIN from the caller or the keypad, not both")
+        if pin is not None:
+            self.pin_policy.check_format(pin)
+        if not challenges or any(len(si) != 8 or len(pl) != 8 for si, pl in challenges):
+            raise ValueError("challenges are (8-byte session input, 8-byte plain) pairs")
+
+        def body(ctx: _Op) -> SaleAuth:
+            cid, _, _ = self._read_identity(ctx)
+            if cid != card_id:
+                raise SSCardError("CARD_MISMATCH", "another card is in the reader")
+            verified = False
+            if keypad:
+                res = ctx.link.keypad_verify(KEYPAD_TIMEOUT)
+                _raise_keypad(res.status, res.sw)
+                verified = True
+            elif pin is not None:
+                self._verify_clear(ctx, pin)
+                if pin in self.pin_policy.initial_pins:
+                    raise SSCardError("PIN_INITIAL")
+                verified = True
+            answers = []
+            for session_input, plain in challenges:
+                answer = self._ok(ctx, A.internal_authenticate(session_input, plain), "INTERNAL AUTHENTICATE")
+                if len(answer) != 8:
+                    raise SSCardError("CARD_GARBAGE", "INTERNAL AUTHENTICATE answer is not 8 bytes")
+                answers.append(answer)
+            return SaleAuth(card_id=cid, historical=identifiers.historical_bytes(ctx.link.atr),
+                            algorithm=ctx.alg, cryptograms=tuple(answers), pin_verified=verified)
+
+        return await self._run(body, reset_after=keypad or pin is not None)
 
     # -- PIN ----------------------------------------------------------------------------------
 

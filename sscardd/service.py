@@ -1,0 +1,825 @@
+"""The daemon: the POS API over MQTT, settlement with the backend, the journal, reversal.
+
+:class:`Daemon` ties the parts together (architecture.md: a service asks the card session, the
+session asks a reader; settlement goes service → journal → MQTT):
+
+- readers from ``[readers]`` (a named reader, or found on PC/SC), the PSAM checked against
+  ``[terminal] id`` at start and again whenever a sale finds it missing or wrong: without it the
+  daemon serves what needs no PSAM and refuses sales (NO_PSAM, TERMINAL_MISMATCH), never exits;
+- :class:`~sscardd.mqtt.DaemonLink` for the POS commands, the backend and presence;
+- :class:`~sscardd.pos_api.Dispatcher` with one handler per op;
+- :class:`~sscardd.journal.Journal`, whose unfinished rows are resumed before the first command;
+- the reversal worker, which sends each due 2601 until the backend acknowledges it.
+
+**A sale** (``sale``; architecture.md "MQTT, POS side"):
+
+1. a repeated request id gets the stored reply (or waits for the first delivery to finish);
+2. the PSAM must be this terminal's; the journal row is begun (``received``, synced);
+3. the card is read (``read_basic``: genuine-card check through the PSAM), must not be expired
+   nor on hold; records still owed to this card's chip are written first;
+4. the PIN, by policy (``[pin.require_pin]``): the reader's keypad, or a format 4 PIN block
+   deciphered with the card's SSN, or a clear PIN (insecure test option); no PIN source where one
+   is required and no keypad → PIN_REQUIRED;
+5. one card operation verifies the PIN and computes the card cryptograms for the 2101 and the
+   2102 (:mod:`apdu_specs.sale_auth`); the card is reset afterwards;
+6. 2101 (pre-settlement): a refusal or no answer refuses the sale (nothing is booked by a 2101);
+   ``preview`` stops here (``previewed``);
+7. ``sent`` is synced, then the 2102 is published. A final answer settles or refuses the row; no
+   answer in ``mqtt.answer_timeout``, an answer that is not final, garbage or a broken link make it
+   ``unknown``: the 2601 is queued, the card is held, and the POS gets OUTCOME_UNKNOWN;
+8. the chip record (DF04/EF08) is written; if that fails the sale stands, the receipt says
+   ``chip_record: "pending"`` and the record is written the next time the card is seen.
+
+Every reply to a ``sale`` or ``sale.void`` that reached the journal is stored (masked) before it
+is published, so a repeated request id gets the same answer. A request id names one attempt: a new
+attempt after a wrong PIN needs a new id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final, Literal, TypeVar
+
+import structlog
+
+from apdu_specs import sale_auth
+from apdu_specs.identifiers import mask_name
+from sscardd import backend as B
+from sscardd.config import Config
+from sscardd.errors import SSCardError
+from sscardd.journal import Amounts, CardOnHold, Entry, IdReused, Journal, State
+from sscardd.mqtt import AnswerTimeout, Command, DaemonLink, LateAnswer, LinkError
+from sscardd.pos_api import (
+    BlockPin,
+    CardReadArgs,
+    Dispatcher,
+    KeypadPin,
+    PinChangeArgs,
+    PinVerifyArgs,
+    PosRequest,
+    SaleArgs,
+    SaleVoidArgs,
+    StoredReply,
+    format_money,
+    resolve_pin,
+    resolve_pin_change,
+)
+from sscardd.psam import PsamClient
+from sscardd.readers.base import Reader
+from sscardd.readers.discover import find_card_reader, find_psam
+from sscardd.session import BasicInfo, CardSession, TxnRecord
+
+log = structlog.get_logger("sscardd.service")
+
+T = TypeVar("T")
+
+# 2601 results after which nothing of the original stays booked (README, "2601 reversal").
+REVERSAL_DONE: Final = frozenset({"reversed", "tombstoned", "already_reversed", "already_voided",
+                                  "nothing_to_reverse"})
+REVERSAL_IDLE_WAIT: Final = 30.0  # the worker looks at the journal at least this often
+PSAM_TIMEOUT: Final = 10.0
+
+
+def error_reply_doc(err: SSCardError) -> dict[str, Any]:
+    return {"ok": False, "error": err.to_dict()}
+
+
+def ok_reply_doc(result: Mapping[str, Any]) -> dict[str, Any]:
+    return {"ok": True, "result": dict(result)}
+
+
+@dataclass
+class PsamState:
+    """The SAM slot as last checked: ``ok``, ``no_psam`` or ``mismatch``."""
+
+    state: Literal["unknown", "ok", "no_psam", "mismatch"] = "unknown"
+    terminal_no: str | None = None
+    reader: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"state": self.state, "terminal_no": self.terminal_no, "reader": self.reader}
+
+
+def _setl_time_digits(setl_time: str | None, fallback: datetime) -> str:
+    digits = "".join(c for c in (setl_time or "") if c.isdigit())[:14]
+    return digits if len(digits) == 14 else fallback.strftime("%Y%m%d%H%M%S")
+
+
+class Daemon:
+    """One terminal's daemon. Create inside the event loop; ``await run()``; :meth:`stop` ends it.
+
+    ``card_reader``/``psam_reader`` override ``[readers]`` (tests, benchmarks, the demo);
+    ``journal`` an already open journal (closed by its owner, not here)."""
+
+    def __init__(self, cfg: Config, *, card_reader: Reader | None = None, psam_reader: Reader | None = None,
+                 journal: Journal | None = None, client_id: str | None = None) -> None:
+        self.cfg = cfg
+        self.terminal_id = cfg.terminal.id
+        self._card_reader = card_reader
+        self._psam_reader = psam_reader
+        self._own_journal = journal is None
+        self._journal = journal
+        self.psam_state = PsamState()
+        self._psam: PsamClient | None = None
+        self._card_lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self.ready = asyncio.Event()
+        self._wake_reversals = asyncio.Event()
+        self._inflight: dict[int, asyncio.Future[None]] = {}
+        self.link = DaemonLink(cfg.mqtt, self.terminal_id, on_command=self._on_command,
+                               on_late_answer=self._on_late_answer, client_id=client_id)
+        self.dispatcher = Dispatcher(terminal_id=self.terminal_id, max_payload=cfg.mqtt.max_payload,
+                                     allow_clear_pin=cfg.pin.allow_clear_over_mqtt)
+        for op, handler in {
+            "card.status": self._card_status, "card.read_basic": self._card_read_basic,
+            "card.read": self._card_read, "pin.verify": self._pin_verify, "pin.change": self._pin_change,
+            "sale": self._sale, "sale.void": self._sale_void, "account.query": self._account_query,
+        }.items():
+            self.dispatcher.register(op, handler)
+        self.stats: dict[str, int] = {}
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    @property
+    def journal(self) -> Journal:
+        if self._journal is None:
+            raise RuntimeError("the daemon is not running")
+        return self._journal
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Open the journal, resume its unfinished rows, find the readers and the PSAM, connect and
+        serve until :meth:`stop`."""
+        if self._journal is None:
+            self._journal = await asyncio.to_thread(Journal.from_config, self.cfg.journal, self.cfg.reversal)
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await self._resume()
+            await self._check_psam()
+            tasks.append(asyncio.create_task(self.link.run(), name="mqtt"))
+            tasks.append(asyncio.create_task(self._reversal_worker(), name="reversals"))
+            self.ready.set()
+            log.info("daemon ready", terminal_id=self.terminal_id, psam=self.psam_state.state,
+                     institution=self.cfg.institution.code, institution_type=self.cfg.institution.type)
+            await self._stop.wait()
+        finally:
+            self.link.stop()
+            for t in tasks:
+                if t.get_name() != "mqtt":
+                    t.cancel()
+            if tasks:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    async with asyncio.timeout(5.0):
+                        await asyncio.gather(*tasks, return_exceptions=True)
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            for reader in {r for r in (self._card_reader, self._psam_reader,
+                                       self._psam.reader if self._psam else None) if r is not None}:
+                with contextlib.suppress(Exception):
+                    await reader.close()
+            if self._own_journal and self._journal is not None:
+                await asyncio.to_thread(self._journal.close)
+                self._journal = None
+            log.info("daemon stopped", terminal_id=self.terminal_id)
+
+    async def _j(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """A journal call, off the event loop (each write is an fsync)."""
+        return await asyncio.to_thread(fn, *args, **kw)
+
+    # -- readers and the PSAM --------------------------------------------------------------------
+
+    async def _check_psam(self) -> PsamState:
+        """Find the PSAM and compare its terminal number with ``[terminal] id``."""
+        state = PsamState()
+        try:
+            if self._psam is None:
+                if self._psam_reader is not None:
+                    self._psam = PsamClient(self._psam_reader)
+                else:
+                    exclude = [self._card_reader.name] if self._card_reader is not None else []
+                    self._psam = await find_psam(self.cfg.readers.psam, exclude=exclude)
+            if self._psam is None:
+                state.state = "no_psam"
+            else:
+                state.reader = self._psam.reader.name
+                state.terminal_no = await asyncio.to_thread(self._psam.terminal_number)
+                state.state = "ok" if state.terminal_no == self.terminal_id else "mismatch"
+        except SSCardError as exc:
+            log.warning("PSAM not usable", error=exc.code)
+            state.state = "no_psam"
+            if self._psam is not None and self._psam_reader is None and self.cfg.readers.psam is None:
+                with contextlib.suppress(Exception):
+                    await self._psam.reader.close()
+                self._psam = None
+        if state.state == "mismatch":
+            log.error("the PSAM belongs to another terminal: sales are refused",
+                      psam_terminal=state.terminal_no, terminal_id=self.terminal_id)
+        self.psam_state = state
+        return state
+
+    async def _require_psam(self) -> PsamClient:
+        if self.psam_state.state != "ok":
+            await self._check_psam()
+        if self.psam_state.state == "mismatch":
+            raise SSCardError("TERMINAL_MISMATCH", psam_terminal=self.psam_state.terminal_no,
+                              terminal_id=self.terminal_id)
+        if self.psam_state.state != "ok" or self._psam is None:
+            raise SSCardError("NO_PSAM")
+        return self._psam
+
+    async def _session(self) -> CardSession:
+        if self._card_reader is None:
+            exclude = [self._psam.reader.name] if self._psam is not None else []
+            self._card_reader = await find_card_reader(self.cfg.readers.card, exclude=exclude)
+        psam = self._psam if self.psam_state.state == "ok" else None
+        return CardSession(self._card_reader, psam, pin_policy=self.cfg.pin.policy(),
+                           device_no=self.cfg.terminal.device_no)
+
+    # -- MQTT ------------------------------------------------------------------------------------
+
+    async def _on_command(self, cmd: Command) -> None:
+        outcome = await self.dispatcher.handle(cmd.payload, response_topic=cmd.response_topic,
+                                               correlation_data=cmd.correlation_data)
+        self.stats[outcome.code] = self.stats.get(outcome.code, 0) + 1
+        if outcome.topic is None or outcome.payload is None:
+            return
+        try:
+            await self.link.reply(outcome.topic, outcome.correlation_data, outcome.payload)
+        except LinkError as exc:
+            # A sale's reply is stored: the POS's retry with the same id gets it.
+            log.warning("reply not delivered", request_id=outcome.request_id, op=outcome.op, error=str(exc))
+
+    async def _on_late_answer(self, late: LateAnswer) -> None:
+        if late.ref is None:
+            return
+        infcode: Any = None
+        summary: dict[str, Any] = {}
+        with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError):
+            doc = json.loads(late.payload.decode("utf-8"))
+            infcode = doc.get("infcode")
+            summary = {"err_code": doc.get("err_code"), "final": doc.get("final")}
+            out = doc.get("output")
+            setl = out.get("setlinfo") if isinstance(out, dict) else None
+            if isinstance(setl, dict):
+                summary["setl_id"] = setl.get("setl_id")
+            if isinstance(out, dict) and "result" in out:
+                summary["result"] = out.get("result")
+        if not isinstance(infcode, int | str) or isinstance(infcode, bool):
+            infcode = None
+        await self._j(self.journal.note_late_answer, late.ref, infcode=infcode, summary=summary)
+
+    async def _ask(self, infno: str, msg_id: str, inp: Mapping[str, Any], *, opter: str | None = None,
+                   timeout: float | None = None) -> B.Answer:
+        """Send one message and read its answer. AnswerTimeout, LinkError and BackendGarbage pass."""
+        payload = B.envelope(infno, msg_id, inp, institution=self.cfg.institution,
+                             expiry_s=self.link.message_expiry, opter=opter or self.terminal_id)
+        raw = await self.link.request(payload, timeout, ref=msg_id)
+        return B.parse_answer(raw, msg_id=msg_id, infno=infno)
+
+    async def _query(self, infno: str, inp: Mapping[str, Any]) -> B.Answer:
+        """A message that books nothing (1101): any failure is BACKEND_UNAVAILABLE."""
+        msg_id = B.msgid(self.cfg.institution.code, B.KIND_OTHER)
+        try:
+            answer = await self._ask(infno, msg_id, inp)
+        except (AnswerTimeout, LinkError) as exc:
+            raise SSCardError("BACKEND_UNAVAILABLE", type(exc).__name__) from None
+        except B.BackendGarbage as exc:
+            log.warning("backend answer unreadable", infno=infno, msgid=msg_id, reason=str(exc))
+            raise SSCardError("BACKEND_UNAVAILABLE", "unreadable answer") from None
+        if not answer.ok:
+            raise answer.error()
+        return answer
+
+    # -- shared card steps -----------------------------------------------------------------------
+
+    async def _read_card(self, session: CardSession) -> BasicInfo:
+        async with self._card_lock:
+            info = await session.read_basic()
+        await self._flush_chip_records(session, info)
+        return info
+
+    async def _flush_chip_records(self, session: CardSession, info: BasicInfo) -> None:
+        """Write the chip records still owed to this card (best effort; logged)."""
+        try:
+            pending = await self._j(self.journal.pending_chip_records, info.card_no)
+        except Exception:  # the journal is checked elsewhere; never fail a read for this
+            return
+        for entry in pending:
+            if not await self._write_chip_record(session, entry, info.card_id):
+                break
+
+    async def _write_chip_record(self, session: CardSession, entry: Entry, card_id: bytes) -> bool:
+        data = entry.chip_data or {}
+        try:
+            if data.get("card_id") != card_id.hex().upper():
+                return True  # another card with this number (reissued): not ours to write
+            record = TxnRecord(seq=int(data["seq"]), terminal=str(data["terminal"]), time=str(data["time"]),
+                               account_fen=int(data["account_fen"]), self_pay_fen=int(data["self_pay_fen"]),
+                               fund_fen=int(data["fund_fen"]))
+            async with self._card_lock:
+                written = await session.record_settlement(record, card_id=card_id)
+        except (SSCardError, KeyError, ValueError, TypeError) as exc:
+            log.info("chip record not written", row=entry.id, error=getattr(exc, "code", type(exc).__name__))
+            return False
+        if not written:
+            log.warning("the card refused the chip record", row=entry.id)
+            return False
+        await self._j(self.journal.mark_chip_written, entry.id)
+        log.info("chip record written", row=entry.id)
+        return True
+
+    # -- simple ops ------------------------------------------------------------------------------
+
+    async def _card_status(self, req: PosRequest) -> Mapping[str, Any]:
+        session = await self._session()
+        async with self._card_lock:
+            out = await session.status()
+        card_no = out.get("card_no")
+        if isinstance(card_no, str):
+            out["on_hold"] = await self._j(self.journal.card_on_hold, card_no)
+            out["pending_chip_records"] = len(await self._j(self.journal.pending_chip_records, card_no))
+        out["psam"] = self.psam_state.state
+        return out
+
+    async def _card_read_basic(self, req: PosRequest) -> Mapping[str, Any]:
+        await self._require_psam_or_none()
+        session = await self._session()
+        info = await self._read_card(session)
+        return info.to_json()
+
+    async def _require_psam_or_none(self) -> None:
+        if self.psam_state.state != "ok":
+            await self._check_psam()
+
+    async def _card_read(self, req: PosRequest) -> Mapping[str, Any]:
+        args = req.args
+        assert isinstance(args, CardReadArgs)
+        await self._require_psam_or_none()
+        session = await self._session()
+        pin: str | None = None
+        if args.pin is not None and not isinstance(args.pin, KeypadPin):
+            info = await self._read_card(session) if isinstance(args.pin, BlockPin) else None
+            pin = resolve_pin(args.pin, key=self.cfg.pin.pin_block_key, ssn=info.ssn if info else "",
+                              policy=self.cfg.pin.policy())
+        async with self._card_lock:
+            value = await session.read(args.address, pin=pin, auth=args.auth)
+        return {"address": args.address, "value": value}
+
+    async def _pin_source_ssn(self, session: CardSession, needs_ssn: bool) -> str:
+        if not needs_ssn:
+            return ""
+        await self._require_psam_or_none()
+        return (await self._read_card(session)).ssn
+
+    async def _pin_verify(self, req: PosRequest) -> Mapping[str, Any]:
+        args = req.args
+        assert isinstance(args, PinVerifyArgs)
+        session = await self._session()
+        ssn = await self._pin_source_ssn(session, isinstance(args.pin, BlockPin))
+        pin = resolve_pin(args.pin, key=self.cfg.pin.pin_block_key, ssn=ssn, policy=self.cfg.pin.policy())
+        async with self._card_lock:
+            await session.verify_pin(pin)
+        return {"verified": True}
+
+    async def _pin_change(self, req: PosRequest) -> Mapping[str, Any]:
+        args = req.args
+        assert isinstance(args, PinChangeArgs)
+        session = await self._session()
+        ssn = await self._pin_source_ssn(session, args.pin.source == "block")
+        pins = resolve_pin_change(args.pin, key=self.cfg.pin.pin_block_key, ssn=ssn,
+                                  policy=self.cfg.pin.policy())
+        async with self._card_lock:
+            if pins is None:
+                await session.change_pin()
+            else:
+                if pins[1] != pins[2]:
+                    raise SSCardError("PIN_MISMATCH")
+                await session.change_pin(*pins)
+        return {"changed": True}
+
+    async def _account_query(self, req: PosRequest) -> Mapping[str, Any]:
+        await self._require_psam()
+        session = await self._session()
+        info = await self._read_card(session)
+        answer = await self._query("1101", {"mdtrt_cert_type": "03", "mdtrt_cert_no": info.card_no,
+                                            "certno": info.ssn, "card_sn": info.card_id.hex().upper()})
+        try:
+            out = answer.output
+            base = B.section(out, "baseinfo")
+            card = B.section(out, "cardinfo")
+            insu = out.get("insuinfo")
+            if not isinstance(insu, list) or not insu or not isinstance(insu[0], dict):
+                raise B.BackendGarbage("insuinfo is not a list of objects")
+            first = insu[0]
+            result = {
+                "card_no": info.card_no, "name": mask_name(info.name), "psn_no": B.text(base, "psn_no"),
+                "balc": format_money(B.fen(first, "balc")), "insutype": B.text(first, "insutype"),
+                "psn_type": B.text(first, "psn_type", optional=True),
+                "insuplc_admdvs": B.text(first, "insuplc_admdvs", optional=True),
+                "card_stas": B.text(card, "card_stas"), "activated": card.get("activated") is True,
+                "cross_region": card.get("cross_region") is True,
+                "cross_region_filing": card.get("cross_region_filing") is True,
+            }
+        except B.BackendGarbage as exc:
+            log.warning("backend answer unreadable", infno="1101", reason=str(exc))
+            raise SSCardError("BACKEND_UNAVAILABLE", "unreadable answer") from None
+        return result
+
+    # -- sale and void: the journaled ops --------------------------------------------------------
+
+    async def _journaled(self, req: PosRequest, body: Callable[[Entry], Awaitable[Mapping[str, Any]]],
+                         *, orig_setl_id: str | None = None, preview: bool = False,
+                         needs_psam: bool = True) -> Mapping[str, Any]:
+        """Begin (or find) the journal row of ``req`` and run ``body`` for a new one; a repeated id
+        gets the stored reply. Whatever ``body`` ends with is stored before it is answered."""
+        op: Literal["sale", "sale.void"] = "sale" if req.op == "sale" else "sale.void"
+        existing = await self._j(self.journal.get_by_request_id, self.terminal_id, req.id)
+        if existing is None and needs_psam:
+            await self._require_psam()
+        try:
+            begun = await self._j(self.journal.begin, req.id, op, req.raw_args, terminal_id=self.terminal_id,
+                                  preview=preview, orig_setl_id=orig_setl_id)
+        except IdReused:
+            raise SSCardError("ID_REUSED") from None
+        entry = begun.entry
+        if not begun.created:
+            await self._answer_repeat(entry)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inflight[entry.id] = done
+        try:
+            try:
+                result = await body(entry)
+            except SSCardError as err:
+                await self._settle_refusal(entry.id, err)
+                raise
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.error("sale failed unexpectedly", row=entry.id, exc_info=True)
+                await self._settle_refusal(entry.id, SSCardError("INTERNAL_ERROR"))
+                raise
+            return result
+        finally:
+            self._inflight.pop(entry.id, None)
+            done.set_result(None)
+
+    async def _answer_repeat(self, entry: Entry) -> None:
+        """A repeated request id: wait for the first delivery if it is still running, then raise
+        :class:`StoredReply` with what it answered."""
+        running = self._inflight.get(entry.id)
+        if running is not None:
+            await asyncio.shield(running)
+        entry = await self._j(self.journal.get, entry.id)
+        if entry.reply is not None:
+            raise StoredReply(entry.reply)
+        if entry.state in (State.SENT, State.UNKNOWN, State.REVERSING, State.REVERSAL_REFUSED):
+            raise SSCardError("OUTCOME_UNKNOWN")
+        raise SSCardError("SALE_INTERRUPTED")
+
+    async def _settle_refusal(self, row_id: int, err: SSCardError) -> None:
+        """Store the error reply of a row; a row still before ``sent`` is refused with it, a ``sent``
+        one (an unexpected failure while its message may be out) becomes unknown and is reversed."""
+        entry = await self._j(self.journal.get, row_id)
+        reply = error_reply_doc(err)
+        if entry.state == State.SENT:
+            await self._unknown(row_id, f"failed while sent: {err.code}")
+            return
+        if entry.state in (State.RECEIVED, State.PRE_SETTLED):
+            await self._j(self.journal.mark_refused, row_id, code=err.code, message=err.message, reply=reply)
+        elif entry.reply is None or entry.state == State.UNKNOWN:
+            await self._j(self.journal.store_reply, row_id, reply)
+
+    async def _sale(self, req: PosRequest) -> Mapping[str, Any]:
+        args = req.args
+        assert isinstance(args, SaleArgs)
+        return await self._journaled(req, lambda entry: self._run_sale(entry, args), preview=args.preview)
+
+    async def _run_sale(self, entry: Entry, args: SaleArgs) -> Mapping[str, Any]:
+        cfg = self.cfg
+        total = format_money(args.total_fen)
+        session = await self._session()
+        info = await self._read_card(session)
+        if info.expired():
+            raise SSCardError("CARD_EXPIRED")
+        if await self._j(self.journal.card_on_hold, info.card_no):
+            raise SSCardError("CARD_ON_HOLD")
+
+        # The PIN, by this institution's policy.
+        required = cfg.requires_pin()
+        keypad = False
+        pin: str | None = None
+        if args.pin is None:
+            if required:
+                if not session.card.has_keypad:
+                    raise SSCardError("PIN_REQUIRED")
+                keypad = True
+        elif isinstance(args.pin, KeypadPin):
+            if not session.card.has_keypad:
+                raise SSCardError("UNSUPPORTED", "this reader has no PIN keypad")
+            keypad = True
+        else:
+            pin = resolve_pin(args.pin, key=cfg.pin.pin_block_key, ssn=info.ssn, policy=cfg.pin.policy())
+
+        m2101 = B.msgid(cfg.institution.code, B.KIND_PRESETTLE, entry.id)
+        m2102 = B.msgid(cfg.institution.code, B.KIND_SETTLE, entry.id)
+        challenges = [sale_auth.sale_challenge(m, total, self.terminal_id) for m in (m2101, m2102)]
+        async with self._card_lock:
+            auth = await session.authorise_sale(info.card_id, challenges, pin=pin, keypad=keypad)
+
+        def sale_input(index: int) -> dict[str, Any]:
+            return {
+                "mdtrt_cert_type": "03", "mdtrt_cert_no": info.card_no, "certno": info.ssn, "med_type": "41",
+                "medfee_sumamt": total, "acct_used_flag": "1", "pin_verified": auth.pin_verified,
+                "card_auth": auth.card_auth(index),
+                "drugdetail": [{"feedetl_sn": str(i + 1), "medins_list_codg": it.code, "cnt": it.qty,
+                                "pric": format_money(it.price_fen)} for i, it in enumerate(args.items)],
+            }
+
+        opter = args.operator.id
+        # 2101: books nothing; no answer simply refuses the sale.
+        try:
+            pre = await self._ask("2101", m2101, sale_input(0), opter=opter)
+        except (AnswerTimeout, LinkError) as exc:
+            raise SSCardError("BACKEND_UNAVAILABLE", type(exc).__name__) from None
+        except B.BackendGarbage as exc:
+            log.warning("backend answer unreadable", infno="2101", msgid=m2101, reason=str(exc))
+            raise SSCardError("BACKEND_UNAVAILABLE", "unreadable answer") from None
+        if not pre.ok:
+            raise pre.error()
+        try:
+            receipt = self._receipt(pre.output, info, auth.pin_verified, m2101)
+        except B.BackendGarbage as exc:
+            log.warning("backend answer unreadable", infno="2101", msgid=m2101, reason=str(exc))
+            raise SSCardError("BACKEND_UNAVAILABLE", "unreadable answer") from None
+        psn_no = receipt["psn_no"]
+        await self._j(self.journal.mark_pre_settled, entry.id, msgid_2101=m2101,
+                      amounts=receipt.pop("_amounts"), card_no=info.card_no, psn_no=psn_no)
+        if args.preview:
+            result = {**receipt, "preview": True}
+            await self._j(self.journal.mark_previewed, entry.id, reply=ok_reply_doc(result))
+            return result
+
+        # 2102: from here on money may move.
+        try:
+            await self._j(self.journal.mark_sent, entry.id, msgid=m2102, infno="2102")
+        except CardOnHold:
+            raise SSCardError("CARD_ON_HOLD") from None
+        answer = await self._settle_message(entry.id, "2102", m2102, sale_input(1), opter)
+        if not answer.ok:
+            err = answer.error()
+            await self._j(self.journal.mark_refused, entry.id, code=err.code, message=err.message,
+                          reply=error_reply_doc(err))
+            raise err
+        try:
+            receipt = self._receipt(answer.output, info, auth.pin_verified, m2102)
+            setl_id = receipt["setl_id"]
+            if not isinstance(setl_id, str) or not setl_id:
+                raise B.BackendGarbage("setl_id missing")
+        except B.BackendGarbage as exc:
+            await self._unknown(entry.id, f"unreadable 2102 answer: {exc}")
+            raise SSCardError("OUTCOME_UNKNOWN") from None
+        amounts: Amounts = receipt.pop("_amounts")
+        now = B.now_beijing()
+        chip = {"seq": entry.id & 0xFFFF, "terminal": self.terminal_id,
+                "time": _setl_time_digits(receipt.get("setl_time"), now),
+                "account_fen": amounts.acct_pay, "self_pay_fen": amounts.psn_cash_pay,
+                "fund_fen": amounts.fund_pay_sumamt, "card_id": info.card_id.hex().upper()}
+        result = {**receipt, "chip_record": "pending"}
+        await self._j(self.journal.mark_settled, entry.id, setl_id=setl_id, amounts=amounts,
+                      mdtrt_id=receipt.get("mdtrt_id"), setl_time=receipt.get("setl_time"),
+                      insutype=receipt.get("insutype"), chip_data=chip, reply=ok_reply_doc(result))
+        settled = await self._j(self.journal.get, entry.id)
+        if await self._write_chip_record(session, settled, info.card_id):
+            result["chip_record"] = "written"
+            await self._j(self.journal.store_reply, entry.id, ok_reply_doc(result))
+        log.info("sale settled", row=entry.id, msgid=m2102, setl_id=setl_id, total=total,
+                 chip_record=result["chip_record"])
+        return result
+
+    async def _settle_message(self, row_id: int, infno: Literal["2102", "2103"], msg_id: str,
+                              inp: Mapping[str, Any], opter: str) -> B.Answer:
+        """Publish a settling message (the row is ``sent``) and return a *final* answer; anything else
+        makes the row ``unknown`` (reversal queued) and raises OUTCOME_UNKNOWN."""
+        try:
+            answer = await self._ask(infno, msg_id, inp, opter=opter)
+        except (AnswerTimeout, LinkError) as exc:
+            await self._unknown(row_id, f"{infno}: {type(exc).__name__}")
+            raise SSCardError("OUTCOME_UNKNOWN") from None
+        except B.BackendGarbage as exc:
+            await self._unknown(row_id, f"unreadable {infno} answer: {exc}")
+            raise SSCardError("OUTCOME_UNKNOWN") from None
+        except asyncio.CancelledError:
+            # Stopping mid-settlement: the row stays ``sent`` and is resolved at the next start.
+            raise
+        if not answer.final:
+            await self._unknown(row_id, f"{infno}: answer not final ({answer.err_code})")
+            raise SSCardError("OUTCOME_UNKNOWN")
+        return answer
+
+    async def _unknown(self, row_id: int, reason: str) -> None:
+        reversal = B.msgid(self.cfg.institution.code, B.KIND_REVERSAL, row_id)
+        await self._j(self.journal.mark_unknown, row_id, reversal_msgid=reversal, reason=reason,
+                      reply=error_reply_doc(SSCardError("OUTCOME_UNKNOWN")))
+        log.warning("settlement outcome unknown: reversing", row=row_id, reversal_msgid=reversal,
+                    reason=reason)
+        self._wake_reversals.set()
+
+    def _receipt(self, output: Mapping[str, Any], info: BasicInfo, pin_verified: bool,
+                 msg_id: str) -> dict[str, Any]:
+        """The POS receipt from a 2101/2102 output (money re-checked; ``_amounts`` for the journal)."""
+        s = B.section(output, "setlinfo")
+        amounts = Amounts(medfee_sumamt=B.fen(s, "medfee_sumamt"),
+                          fund_pay_sumamt=B.fen(s, "fund_pay_sumamt"),
+                          acct_pay=B.fen(s, "acct_pay"), psn_cash_pay=B.fen(s, "psn_cash_pay"))
+        if amounts.fund_pay_sumamt + amounts.acct_pay + amounts.psn_cash_pay != amounts.medfee_sumamt:
+            raise B.BackendGarbage("the split does not add up to the total")
+        lines_in = output.get("detlcutinfo")
+        if not isinstance(lines_in, list):
+            raise B.BackendGarbage("detlcutinfo is not a list")
+        lines = []
+        for ln in lines_in:
+            if not isinstance(ln, dict):
+                raise B.BackendGarbage("a detlcutinfo line is not an object")
+            cnt = ln.get("cnt")
+            if isinstance(cnt, bool) or not isinstance(cnt, int):
+                raise B.BackendGarbage("cnt is not an integer")
+            lines.append({
+                "code": B.text(ln, "medins_list_codg"), "name": B.text(ln, "name", optional=True),
+                "class": B.text(ln, "item_class", optional=True), "qty": cnt,
+                "price": format_money(B.fen(ln, "pric")),
+                "amount": format_money(B.fen(ln, "det_item_fee_sumamt")),
+                "selfpay_prop": B.text(ln, "selfpay_prop", optional=True),
+                "fulamt_ownpay_amt": format_money(B.fen(ln, "fulamt_ownpay_amt")),
+                "preselfpay_amt": format_money(B.fen(ln, "preselfpay_amt")),
+                "fund_pay": format_money(B.fen(ln, "fund_pay")),
+                "acct_pay": format_money(B.fen(ln, "acct_pay")),
+                "psn_cash_pay": format_money(B.fen(ln, "psn_cash_pay")),
+            })
+        return {
+            "setl_id": B.text(s, "setl_id", optional=True), "mdtrt_id": B.text(s, "mdtrt_id", optional=True),
+            "setl_time": B.text(s, "setl_time", optional=True), "msgid": msg_id,
+            "psn_no": B.text(s, "psn_no", optional=True),
+            "card_no": info.card_no, "name": mask_name(info.name),
+            "institution": {"code": self.cfg.institution.code, "name": self.cfg.institution.name,
+                            "type": self.cfg.institution.type},
+            "terminal_id": self.terminal_id,
+            "insutype": B.text(s, "insutype", optional=True),
+            "cross_region": s.get("cross_region") is True,
+            "pin_verified": pin_verified,
+            "medfee_sumamt": format_money(amounts.medfee_sumamt),
+            "fund_pay_sumamt": format_money(amounts.fund_pay_sumamt),
+            "acct_pay": format_money(amounts.acct_pay),
+            "psn_cash_pay": format_money(amounts.psn_cash_pay),
+            "fulamt_ownpay_amt": format_money(B.fen(s, "fulamt_ownpay_amt")),
+            "preselfpay_amt": format_money(B.fen(s, "preselfpay_amt")),
+            "balc": format_money(B.fen(s, "balc")),
+            "lines": lines,
+            "_amounts": amounts,
+        }
+
+    async def _sale_void(self, req: PosRequest) -> Mapping[str, Any]:
+        args = req.args
+        assert isinstance(args, SaleVoidArgs)
+        # A void needs no card and no PSAM (the broker authenticates the terminal).
+        return await self._journaled(req, lambda entry: self._run_void(entry, args),
+                                     orig_setl_id=args.setl_id, needs_psam=False)
+
+    async def _run_void(self, entry: Entry, args: SaleVoidArgs) -> Mapping[str, Any]:
+        m2103 = B.msgid(self.cfg.institution.code, B.KIND_SETTLE, entry.id)
+        orig = await self._j(self.journal.find_settled_sale, args.setl_id)
+        inp: dict[str, Any] = {"setl_id": args.setl_id}
+        if orig is not None and orig.mdtrt_id:
+            inp["mdtrt_id"] = orig.mdtrt_id
+        try:
+            await self._j(self.journal.mark_sent, entry.id, msgid=m2103, infno="2103")
+        except CardOnHold:
+            raise SSCardError("CARD_ON_HOLD") from None
+        opter = args.operator.id if args.operator is not None else self.terminal_id
+        answer = await self._settle_message(entry.id, "2103", m2103, inp, opter)
+        if not answer.ok:
+            err = answer.error()
+            await self._j(self.journal.mark_refused, entry.id, code=err.code, message=err.message,
+                          reply=error_reply_doc(err))
+            raise err
+        try:
+            s = B.section(answer.output, "setlinfo")
+            amounts = Amounts(medfee_sumamt=B.fen(s, "medfee_sumamt"),
+                              fund_pay_sumamt=B.fen(s, "fund_pay_sumamt"), acct_pay=B.fen(s, "acct_pay"),
+                              psn_cash_pay=B.fen(s, "psn_cash_pay"))
+            result = {"setl_id": args.setl_id, "mdtrt_id": B.text(s, "mdtrt_id", optional=True),
+                      "void_time": B.text(s, "void_time", optional=True), "msgid": m2103,
+                      "refd_setl_flag": "1",
+                      "medfee_sumamt": format_money(amounts.medfee_sumamt),
+                      "fund_pay_sumamt": format_money(amounts.fund_pay_sumamt),
+                      "acct_pay": format_money(amounts.acct_pay),
+                      "psn_cash_pay": format_money(amounts.psn_cash_pay),
+                      "balc": format_money(B.fen(s, "balc"))}
+        except B.BackendGarbage as exc:
+            await self._unknown(entry.id, f"unreadable 2103 answer: {exc}")
+            raise SSCardError("OUTCOME_UNKNOWN") from None
+        await self._j(self.journal.mark_settled, entry.id, setl_id=args.setl_id, amounts=amounts,
+                      mdtrt_id=result["mdtrt_id"], setl_time=result["void_time"], reply=ok_reply_doc(result))
+        log.info("sale voided", row=entry.id, msgid=m2103, setl_id=args.setl_id)
+        return result
+
+    # -- start-up and reversal -------------------------------------------------------------------
+
+    async def _resume(self) -> None:
+        """Resolve what a previous run left unfinished (journal module docstring)."""
+        for entry in await self._j(self.journal.unfinished):
+            if entry.state in (State.RECEIVED, State.PRE_SETTLED):
+                err = SSCardError("SALE_INTERRUPTED")
+                await self._j(self.journal.mark_refused, entry.id, code=err.code, message=err.message,
+                              reply=error_reply_doc(err))
+                log.info("resumed: interrupted before sending, refused", row=entry.id)
+            elif entry.state == State.SENT:
+                await self._unknown(entry.id, "the daemon stopped before the answer")
+                log.info("resumed: sent without an answer, reversing", row=entry.id)
+        self._wake_reversals.set()
+
+    async def _reversal_worker(self) -> None:
+        while True:
+            try:
+                due = await self._j(self.journal.pending_reversals)
+                for entry in due:
+                    await self._reverse(entry)
+                nxt = await self._j(self.journal.next_reversal_due)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.error("reversal worker error", exc_info=True)
+                nxt = None
+            wait = REVERSAL_IDLE_WAIT if nxt is None else min(max(nxt - time.time(), 0.0), REVERSAL_IDLE_WAIT)
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._wake_reversals.wait()
+            self._wake_reversals.clear()
+
+    async def _reverse(self, entry: Entry) -> None:
+        if not entry.msgid_2601 or not entry.msgid or not entry.infno:
+            log.error("cannot reverse a row without its messages", row=entry.id)
+            return
+        await self._j(self.journal.mark_reversing, entry.id)
+        try:
+            answer = await self._ask("2601", entry.msgid_2601, {"omsgid": entry.msgid, "oinfno": entry.infno})
+        except (AnswerTimeout, LinkError) as exc:
+            log.info("reversal unanswered; retrying later", row=entry.id, error=type(exc).__name__)
+            return
+        except B.BackendGarbage as exc:
+            log.warning("reversal answer unreadable; retrying later", row=entry.id, reason=str(exc))
+            return
+        if answer.ok:
+            result = answer.output.get("result")
+            if result in REVERSAL_DONE:
+                await self._j(self.journal.mark_reversed, entry.id, note=str(result))
+                log.info("reversed", row=entry.id, msgid=entry.msgid, result=result)
+            else:
+                log.warning("reversal answer has no known result; retrying later", row=entry.id)
+            return
+        if not answer.final:
+            log.info("reversal not processed; retrying later", row=entry.id, err_code=answer.err_code)
+            return
+        # A final refusal is stored under this 2601's msgid: retrying would get it again.
+        code = answer.err_code or "BACKEND_REFUSED"
+        await self._j(self.journal.mark_reversal_refused, entry.id, code=code, note=answer.err_msg or "")
+        log.error("ALARM: the backend refused a reversal; the card stays held until an operator resolves it",
+                  row=entry.id, msgid=entry.msgid, err_code=code)
+
+    # -- status ----------------------------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        counts = await self._j(self.journal.counts)
+        return {"terminal_id": self.terminal_id, "psam": self.psam_state.to_json(),
+                "mqtt": self.link.status(),
+                "journal": {"counts": counts,
+                            "pending_reversals": counts.get("unknown", 0) + counts.get("reversing", 0)},
+                "requests": dict(self.stats)}
+
+
+# --- ``sscardd run`` -----------------------------------------------------------------------------
+
+
+async def serve(cfg: Config) -> int:
+    """Run the daemon until SIGTERM or SIGINT."""
+    import signal
+
+    daemon = Daemon(cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stop)
+    try:
+        await daemon.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return 0
