@@ -421,7 +421,7 @@ class Daemon:
                 raise B.BackendGarbage("insuinfo is not a list of objects")
             first = insu[0]
             result = {
-                "card_no": info.card_no, "name": mask_name(info.name), "psn_no": B.text(base, "psn_no"),
+                "card_no": info.card_no, "psn_name": mask_name(info.name), "psn_no": B.text(base, "psn_no"),
                 "balc": format_money(B.fen(first, "balc")), "insutype": B.text(first, "insutype"),
                 "psn_type": B.text(first, "psn_type", optional=True),
                 "insuplc_admdvs": B.text(first, "insuplc_admdvs", optional=True),
@@ -653,7 +653,7 @@ class Daemon:
             if isinstance(cnt, bool) or not isinstance(cnt, int):
                 raise B.BackendGarbage("cnt is not an integer")
             lines.append({
-                "code": B.text(ln, "medins_list_codg"), "name": B.text(ln, "name", optional=True),
+                "code": B.text(ln, "medins_list_codg"), "item_name": B.text(ln, "name", optional=True),
                 "class": B.text(ln, "item_class", optional=True), "qty": cnt,
                 "price": format_money(B.fen(ln, "pric")),
                 "amount": format_money(B.fen(ln, "det_item_fee_sumamt")),
@@ -668,10 +668,9 @@ class Daemon:
             "setl_id": B.text(s, "setl_id", optional=True), "mdtrt_id": B.text(s, "mdtrt_id", optional=True),
             "setl_time": B.text(s, "setl_time", optional=True), "msgid": msg_id,
             "psn_no": B.text(s, "psn_no", optional=True),
-            "card_no": info.card_no, "name": mask_name(info.name),
-            "institution": {"code": self.cfg.institution.code, "name": self.cfg.institution.name,
-                            "type": self.cfg.institution.type},
-            "terminal_id": self.terminal_id,
+            "card_no": info.card_no, "psn_name": mask_name(info.name),
+            "fixmedins_code": self.cfg.institution.code, "fixmedins_name": self.cfg.institution.name,
+            "fixmedins_type": self.cfg.institution.type, "terminal_id": self.terminal_id,
             "insutype": B.text(s, "insutype", optional=True),
             "cross_region": s.get("cross_region") is True,
             "pin_verified": pin_verified,

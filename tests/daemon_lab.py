@@ -137,8 +137,10 @@ reconnect_backoff_max = 0.5
 [mqtt.tls]
 enabled = true
 ca = "{lab.mosq.ca.ca_cert}"
+# One journal per terminal for the whole lab, as a real terminal keeps its own: row ids (and so
+# message ids) never repeat for a terminal.
 [journal]
-path = "{workdir / 'journal.sqlite3'}"
+path = "{lab.workdir / f'journal-{terminal_id}.sqlite3'}"
 [reversal]
 backoff_min = 0.2
 backoff_max = 1.0
@@ -232,7 +234,7 @@ class SettleLab:
         return self._faults
 
     def start_backend(self, instance: str = "b1", *, reset: bool = False) -> BackendProcess:
-        extra = ["--reset"] if reset or not self.backends else []
+        extra = ["--reset"] if reset else []
         proc = BackendProcess(self.workdir, self.broker, self.db, EXAMPLE_SEED, instance, extra=extra)
         proc.start()
         self.backends.append(proc)
