@@ -43,6 +43,9 @@ CONTROL_FILTER = "$share/settle-ctl/" + CONTROL_TOPIC
 CONTROL_REPLY_PREFIX = "sscard/v1/settle/ctl/resp/"
 MAX_IN_FLIGHT = 256
 HOLD_POLL_S = 0.01
+# An answer whose connection was lost waits this long for the next one (the request's own expiry
+# is long past by then for any sane configuration; the daemon then reverses).
+ANSWER_RECONNECT_WAIT_S = 10.0
 
 log = structlog.get_logger("backend_sim")
 T = TypeVar("T")
@@ -97,6 +100,10 @@ class Backend:
         self.on_ready = on_ready
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self._sem = asyncio.Semaphore(MAX_IN_FLIGHT)
+        # The live connection: answers go out on it, also for requests that came in on an earlier
+        # one (a held or slow request outlives a broker restart).
+        self._live: aiomqtt.Client | None = None
+        self._live_changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -124,6 +131,7 @@ class Backend:
                         if self.control:
                             await client.subscribe(CONTROL_FILTER, qos=1)
                         backoff = 0.1
+                        await self._set_live(client)
                         log.info("ready", instance=self.instance, control=self.control,
                                  broker=f"{self.broker.host}:{self.broker.port}")
                         if self.on_ready is not None:
@@ -134,6 +142,7 @@ class Backend:
                             self._tasks.add(task)
                             task.add_done_callback(self._done)
                 except aiomqtt.MqttError as exc:
+                    await self._set_live(None)
                     delay = backoff * (0.5 + random.random())
                     log.warning("broker connection lost", error=str(exc), retry_in_s=round(delay, 2))
                     await asyncio.sleep(delay)
@@ -145,6 +154,20 @@ class Backend:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             self._pool.shutdown(wait=True)
             self.faults.close()
+
+    async def _set_live(self, client: aiomqtt.Client | None) -> None:
+        async with self._live_changed:
+            self._live = client
+            self._live_changed.notify_all()
+
+    async def _live_client(self, failed: aiomqtt.Client | None) -> aiomqtt.Client | None:
+        """The live connection other than ``failed``, waiting for a reconnect if need be."""
+        try:
+            async with asyncio.timeout(ANSWER_RECONNECT_WAIT_S), self._live_changed:
+                await self._live_changed.wait_for(lambda: self._live is not None and self._live is not failed)
+                return self._live
+        except TimeoutError:
+            return None
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -234,10 +257,18 @@ class Backend:
         props.UserProperty = [("sscard-backend", self.instance),
                               ("sscard-replayed", "1" if replayed else "0")]
         props.ContentType = "application/json"
-        try:
-            await client.publish(topic, body, qos=1, properties=props)
-        except aiomqtt.MqttError as exc:
-            log.warning("answer not published", topic=topic, error=str(exc))
+        current = self._live or client
+        for attempt in range(2):
+            try:
+                await current.publish(topic, body, qos=1, properties=props)
+                return
+            except aiomqtt.MqttError as exc:
+                error = str(exc)
+            nxt = await self._live_client(current) if attempt == 0 else None
+            if nxt is None:
+                break
+            current = nxt
+        log.warning("answer not published", topic=topic, error=error)
 
     async def _control(self, client: aiomqtt.Client, payload: bytes, response_topic: str | None,
                        correlation: bytes | None) -> None:

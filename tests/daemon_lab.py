@@ -167,6 +167,33 @@ class Terminal:
     reply_topic: str = ""
     seq: int = 0
     replies: dict[bytes, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
+    reader: asyncio.Task[None] | None = None
+
+    async def connect_pos(self) -> None:
+        """The POS client: the terminal's provisioned POS account, one reply topic (kept across
+        reconnects: replies to requests sent before go there)."""
+        self.pos = self.lab.mosq.client(broker.pos_username(self.terminal_id),
+                                        identifier=f"pos-{uuid.uuid4().hex[:8]}")
+        if not self.reply_topic:
+            self.reply_topic = f"sscard/v1/term/{self.terminal_id}/reply/{uuid.uuid4().hex[:8]}"
+        await self.pos.__aenter__()
+        await self.pos.subscribe(self.reply_topic, qos=1)
+        self.reader = asyncio.create_task(self._read_replies())
+
+    async def close_pos(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await self.reader
+            self.reader = None
+        if self.pos is not None:
+            with contextlib.suppress(Exception):
+                await self.pos.__aexit__(None, None, None)
+            self.pos = None
+
+    async def reconnect_pos(self) -> None:
+        await self.close_pos()
+        await self.connect_pos()
 
     @property
     def journal(self) -> Journal:
@@ -268,25 +295,14 @@ class SettleLab:
         card = EmulatedReader.from_image(card_image, keypad=keypad, keypad_config=KeypadConfig((INITIAL,)))
         psam = EmulatedReader.from_image(psam_image)
         term = Terminal(self, terminal_id, workdir, cfg, card, psam, keypad)
-        pos_user = broker.pos_username(terminal_id)
-        term.pos = self.mosq.client(pos_user, identifier=f"pos-{uuid.uuid4().hex[:8]}")
-        term.reply_topic = f"sscard/v1/term/{terminal_id}/reply/{uuid.uuid4().hex[:8]}"
-        reader: asyncio.Task[None] | None = None
         try:
-            await term.pos.__aenter__()
-            await term.pos.subscribe(term.reply_topic, qos=1)
-            reader = asyncio.create_task(term._read_replies())
+            await term.connect_pos()
             if start:
                 await term.start()
             yield term
         finally:
             await term.stop_daemon()
-            if reader is not None:
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                    await reader
-            with contextlib.suppress(Exception):
-                await term.pos.__aexit__(None, None, None)
+            await term.close_pos()
             await card.close()
             await psam.close()
 
