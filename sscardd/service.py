@@ -71,7 +71,7 @@ from sscardd.pos_api import (
     resolve_pin_change,
 )
 from sscardd.psam import PsamClient
-from sscardd.readers.base import Reader
+from sscardd.readers.base import Reader, ReaderEvent, ReaderEventKind
 from sscardd.readers.discover import find_card_reader, find_psam
 from sscardd.session import BasicInfo, CardSession, TxnRecord
 
@@ -84,6 +84,7 @@ REVERSAL_DONE: Final = frozenset({"reversed", "tombstoned", "already_reversed", 
                                   "nothing_to_reverse"})
 REVERSAL_IDLE_WAIT: Final = 30.0  # the worker looks at the journal at least this often
 PSAM_TIMEOUT: Final = 10.0
+EVENT_CONNECT_WAIT: Final = 5.0
 
 
 def error_reply_doc(err: SSCardError) -> dict[str, Any]:
@@ -143,6 +144,9 @@ class Daemon:
         }.items():
             self.dispatcher.register(op, handler)
         self.stats: dict[str, int] = {}
+        self._monitor: Any = None  # PcscMonitor, when PC/SC readers are watched
+        self._picked_card_reader = False  # found on PC/SC (not configured): re-found after removal
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -166,11 +170,15 @@ class Daemon:
             await self._check_psam()
             tasks.append(asyncio.create_task(self.link.run(), name="mqtt"))
             tasks.append(asyncio.create_task(self._reversal_worker(), name="reversals"))
+            self._start_monitor()
             self.ready.set()
             log.info("daemon ready", terminal_id=self.terminal_id, psam=self.psam_state.state,
                      institution=self.cfg.institution.code, institution_type=self.cfg.institution.type)
             await self._stop.wait()
         finally:
+            if self._monitor is not None:
+                await asyncio.to_thread(self._monitor.stop)
+                self._monitor = None
             self.link.stop()
             for t in tasks:
                 if t.get_name() != "mqtt":
@@ -182,6 +190,10 @@ class Daemon:
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+            for bg in list(self._tasks):
+                bg.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
             for reader in {r for r in (self._card_reader, self._psam_reader,
                                        self._psam.reader if self._psam else None) if r is not None}:
                 with contextlib.suppress(Exception):
@@ -240,9 +252,78 @@ class Daemon:
         if self._card_reader is None:
             exclude = [self._psam.reader.name] if self._psam is not None else []
             self._card_reader = await find_card_reader(self.cfg.readers.card, exclude=exclude)
+            self._picked_card_reader = self.cfg.readers.card is None
         psam = self._psam if self.psam_state.state == "ok" else None
         return CardSession(self._card_reader, psam, pin_policy=self.cfg.pin.policy(),
                            device_no=self.cfg.terminal.device_no)
+
+    # -- reader events ---------------------------------------------------------------------------
+
+    def _uses_pcsc(self) -> bool:
+        names = [self.cfg.readers.card, self.cfg.readers.psam]
+        injected = self._card_reader is not None and self._psam_reader is not None
+        return not injected and any(n is None or not n.startswith(("emulated:", "serial:")) for n in names)
+
+    def _start_monitor(self) -> None:
+        """Watch pcscd for readers and cards (events on MQTT) when PC/SC readers are in use."""
+        if not self.cfg.readers.monitor or not self._uses_pcsc():
+            return
+        try:
+            from sscardd.readers.pcsc import PcscMonitor
+        except ImportError:  # pyscard not installed: no PC/SC readers to watch
+            log.info("no PC/SC support: reader events off")
+            return
+        self._monitor = PcscMonitor()
+        self._monitor.start(asyncio.get_running_loop(), self._on_reader_event)
+
+    def _on_reader_event(self, event: ReaderEvent) -> None:
+        kind = event.kind.value
+        if event.kind is ReaderEventKind.CARD_REMOVED and self._picked_card_reader and \
+                self._card_reader is not None and self._card_reader.name == event.reader:
+            self._picked_card_reader = False
+            reader, self._card_reader = self._card_reader, None
+            self._spawn(reader.close())
+        # Events name the reader and what happened, never the card holder.
+        self._spawn(self._publish_event(kind, {"reader": event.reader}))
+        if event.kind is ReaderEventKind.CARD_INSERTED:
+            self._spawn(self._card_seen(event.reader))
+
+    async def _publish_event(self, kind: str, payload: Mapping[str, Any]) -> None:
+        """Best effort: an event waits a little for the broker (those of the start-up scan come
+        before the first connection), then is dropped with a log line."""
+        with contextlib.suppress(TimeoutError):
+            await self.link.wait_connected(EVENT_CONNECT_WAIT)
+        await self.link.publish_event(kind, payload)
+
+    async def _card_seen(self, reader_name: str) -> None:
+        """A card was inserted: write the chip records still owed to it (if it is the card reader's)."""
+        if self.psam_state.state != "ok" or self._psam is None or reader_name == self._psam.reader.name:
+            return
+        try:
+            session = await self._session()
+            if session.card.name != reader_name:
+                return
+            async with self._card_lock:
+                status = await session.status()
+            card_no = status.get("card_no")
+            if not isinstance(card_no, str):
+                return
+            owed = await self._j(self.journal.pending_chip_records, card_no)
+            if owed:
+                await self._read_card(session)  # reads identity and flushes what is owed
+        except SSCardError as exc:
+            log.info("card seen but not read", reader=reader_name, error=exc.code)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except Exception:
+                log.warning("background task failed", exc_info=True)
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- MQTT ------------------------------------------------------------------------------------
 

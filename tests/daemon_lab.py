@@ -99,7 +99,7 @@ def issue_images(directory: Path, person: Person = ZHANG, *, terminal_id: str = 
 
 def config_text(lab: SettleLab, terminal_id: str, workdir: Path, *, card: str = "", psam: str = "",
                 answer_timeout: float = 5.0, message_expiry: int = 4, extra: str = "",
-                client_id: str | None = None, inst: Inst | None = None) -> str:
+                client_id: str | None = None, inst: Inst | None = None, monitor: bool = False) -> str:
     inst = inst or TERMINALS[terminal_id]
     user = broker.daemon_username(terminal_id)
     pw = workdir / "mqtt-password"
@@ -119,7 +119,7 @@ region = "{inst.region}"
 [readers]
 card = "{card}"
 psam = "{psam}"
-monitor = false
+monitor = {str(monitor).lower()}
 [pin]
 initial_pins = ["{INITIAL}"]
 pin_block_key_file = "{key}"
@@ -158,8 +158,8 @@ class Terminal:
     terminal_id: str
     workdir: Path
     cfg: config.Config
-    card: EmulatedReader
-    psam: EmulatedReader
+    card: EmulatedReader | None  # None: the daemon finds its readers on PC/SC
+    psam: EmulatedReader | None
     keypad: ScriptedKeypad
     daemon: Daemon | None = None
     task: asyncio.Task[None] | None = None
@@ -168,6 +168,7 @@ class Terminal:
     seq: int = 0
     replies: dict[bytes, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
     reader: asyncio.Task[None] | None = None
+    images: tuple[Path, Path] = (Path(), Path())
 
     async def connect_pos(self) -> None:
         """The POS client: the terminal's provisioned POS account, one reply topic (kept across
@@ -285,7 +286,10 @@ class SettleLab:
 
     @contextlib.asynccontextmanager
     async def terminal(self, terminal_id: str = A, person: Person = ZHANG, *, pin: str = GOOD,
-                       name: str | None = None, start: bool = True, **cfg_kw: Any) -> AsyncIterator[Terminal]:
+                       name: str | None = None, start: bool = True, pcsc: bool = False,
+                       **cfg_kw: Any) -> AsyncIterator[Terminal]:
+        """A terminal with a daemon in-process: emulated readers handed in, or (``pcsc``) none, the
+        daemon finding them on pcscd (serve ``term.images`` into vpcd first, ``start=False``)."""
         workdir = self.workdir / (name or f"t{terminal_id}-{uuid.uuid4().hex[:6]}")
         workdir.mkdir(parents=True)
         card_image, psam_image = issue_images(workdir, person, terminal_id=cfg_kw.pop("psam_terminal",
@@ -294,7 +298,15 @@ class SettleLab:
         keypad = ScriptedKeypad()
         card = EmulatedReader.from_image(card_image, keypad=keypad, keypad_config=KeypadConfig((INITIAL,)))
         psam = EmulatedReader.from_image(psam_image)
-        term = Terminal(self, terminal_id, workdir, cfg, card, psam, keypad)
+        if pcsc:
+            await card.close()
+            await psam.close()
+            card_r: EmulatedReader | None = None
+            psam_r: EmulatedReader | None = None
+        else:
+            card_r, psam_r = card, psam
+        term = Terminal(self, terminal_id, workdir, cfg, card_r, psam_r, keypad)
+        term.images = (card_image, psam_image)
         try:
             await term.connect_pos()
             if start:
