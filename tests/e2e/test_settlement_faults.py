@@ -104,6 +104,10 @@ async def test_daemon_killed_after_publishing_is_resolved_on_restart(lab: Settle
                 settled = [e for e in j._query("SELECT * FROM txn WHERE state = 'settled' AND op = 'sale'")]
             assert standing == len(settled) == 0
         assert daemon.stop() == 0
+        text = daemon.log_text()
+        assert '"daemon ready"' in text or "daemon ready" in text
+        for secret in (ZHANG.ssn, ZHANG.name, GOOD, pin_block(GOOD, ZHANG.ssn)["block"][:12]):
+            assert secret not in text, f"{secret!r} in the daemon's log"
     finally:
         daemon.stop()
 
@@ -196,3 +200,39 @@ def _granted(result: Any) -> list[int]:
 async def _stat(t: Any, code: str) -> int:
     return int(t.daemon.stats.get(code, 0))
 
+
+
+async def test_an_unreadable_2102_answer_is_an_unknown_outcome(lab: SettleLab) -> None:
+    """An answer with the right Correlation Data whose content cannot be trusted is never read as a
+    refusal nor as a success: the sale is reversed."""
+    async with lab.terminal(A, ZHANG) as t:
+        assert t.daemon is not None
+        link = t.daemon.link
+        sent: list[tuple[bytes, bytes]] = []
+        original = link._publish_on
+
+        async def observe(conn: Any, topic: str, payload: bytes, **kw: Any) -> bool:
+            if topic == link.request_topic and b'"infno":"2102"' in payload:
+                sent.append((payload, kw["properties"].CorrelationData))
+            return await original(conn, topic, payload, **kw)
+
+        link._publish_on = observe  # type: ignore[method-assign]
+        before = lab.balance(ZHANG.ssn)
+        lab.faults.arm("hold_answer", infno="2102", terminal_id=A)
+        task = asyncio.create_task(t.request("sale", sale(pin_block(GOOD, ZHANG.ssn), SMALL)))
+        held = await asyncio.to_thread(lab.faults.wait_held, infno="2102")
+        _, corr = sent[0]
+        garbage = {"msgid": held["msgid"], "infno": "2102", "infcode": 0, "final": True,
+                   "output": {"setlinfo": {"setl_id": "S1", "medfee_sumamt": 6.0}}}
+        async with lab.mosq.client(BACKEND) as be:
+            await be.publish(broker.settle_resp_topic(A), json.dumps(garbage).encode(), qos=1,
+                             properties=request_properties(None, corr))
+        r = await task
+        assert r["ok"] is False and r["error"]["code"] == "OUTCOME_UNKNOWN", r
+        row = t.journal.find_by_msgid(held["msgid"])
+        assert row is not None
+        lab.faults.release(infno="2102")  # the genuine answer now comes late: recorded only
+        await eventually(lambda: asyncio.to_thread(t.journal.get, row.id),
+                         lambda e: e.state == State.REVERSED)
+        assert settlement_state(lab, held["msgid"]) == "reversed"
+        assert lab.balance(ZHANG.ssn) == before

@@ -16,7 +16,7 @@ import pytest
 from firmware_sim.lab import VPCD_READERS, wait_card_state
 from sscardd import broker
 from sscardd.journal import State
-from tests.daemon_lab import A, GOOD, ZHANG, SettleLab, lab_for, pin_block
+from tests.daemon_lab import GOOD, ZHANG, A, SettleLab, lab_for, pin_block
 from tests.e2e.emulator import served_in_pcscd
 from tests.e2e.test_settlement import SMALL, eventually, last_row, row_state, sale
 from tests.mqtt_harness import MosquittoFactory
