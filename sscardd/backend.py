@@ -106,16 +106,27 @@ class Answer:
             details["backend_message"] = self.err_msg[:300]
         lines = self.output.get("lines") if isinstance(self.output, Mapping) else None
         if isinstance(lines, list):
-            details["lines"] = lines[:200]
+            # "name" is the item's (the journal's masking would take it for a person's)
+            details["lines"] = [{("item_name" if k == "name" else k): v for k, v in ln.items()}
+                                if isinstance(ln, dict) else ln for ln in lines[:200]]
         return SSCardError(code if code in PASS_THROUGH else "BACKEND_REFUSED", **details)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError("duplicate key")  # which one counts would be the parser's guess
+        out[k] = v
+    return out
 
 
 def parse_answer(payload: bytes, *, msg_id: str, infno: str) -> Answer:
     """The answer to message ``msg_id``/``infno``, or :class:`BackendGarbage`."""
     try:
-        doc = json.loads(payload.decode("utf-8"))
+        doc = json.loads(payload.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, ValueError):
-        raise BackendGarbage("not UTF-8 JSON") from None
+        raise BackendGarbage("not UTF-8 JSON without duplicate keys") from None
     if not isinstance(doc, dict):
         raise BackendGarbage("not a JSON object")
     if doc.get("msgid") != msg_id or doc.get("infno") != infno:

@@ -546,7 +546,7 @@ enabled = false
         for ln in err.get("lines") or []:
             if isinstance(ln, dict):
                 say(f"      offending line {ln.get('feedetl_sn')}: {ln.get('medins_list_codg')} "
-                    f"{ln.get('name', '')}")
+                    f"{ln.get('item_name', '')}")
         return reply
 
     async def play(self) -> None:

@@ -2,10 +2,13 @@
 money from being lost or taken twice (architecture.md, "Rules the whole system keeps";
 settlement-domain §1.5, §1.6).
 
-Every state change is one transaction, committed with ``synchronous=FULL`` in WAL mode before the
-method returns: the caller writes ``sent`` before it publishes a settlement and the outcome before
-it answers the POS, so a process killed at any point leaves a row that says what may have reached
-the backend. States (``preview`` sales stop at ``previewed``; voids skip ``pre_settled``)::
+Every state change is one transaction in WAL mode, committed before the method returns; the ones
+that matter are synced (``synchronous=FULL``) too: the caller writes ``sent`` before it publishes a
+settlement and the outcome before it answers the POS, so a process killed or a machine losing
+power at any point leaves a row that says what may have reached the backend. ``received`` and
+``pre_settled`` (nothing sent that moves money, nothing final told) and the chip-record mark are
+committed without a sync of their own (:data:`LAZY`); the next synced commit makes them durable.
+A sale costs two syncs. States (``preview`` sales stop at ``previewed``; voids skip ``pre_settled``)::
 
     received ──► pre_settled ──► sent ──► settled
         │  │           │ │         │ ├──► refused
@@ -106,6 +109,12 @@ UNFINISHED_STATES: Final = frozenset(State) - FINAL_STATES
 # A settlement may have reached the backend and its outcome is not known: its card waits.
 HOLD_STATES: Final = frozenset({State.SENT, State.UNKNOWN, State.REVERSING, State.REVERSAL_REFUSED})
 REVERSAL_STATES: Final = frozenset({State.UNKNOWN, State.REVERSING})
+# States written without a sync of their own: nothing that moves money has been sent yet and
+# nobody has been told an outcome. They become durable with the next synced commit; lost in a
+# power cut, the row is simply older (or absent) and nothing was at stake. Every other change —
+# ``sent`` before the 2102/2103 is published, every outcome before the POS is answered, every
+# reversal step — is synced before the method returns. A sale costs two syncs: sent, settled.
+LAZY: Final = frozenset({State.RECEIVED, State.PRE_SETTLED})
 
 
 class JournalError(Exception):
@@ -465,6 +474,7 @@ class Journal:
         if not 0 <= jitter < 1 or backoff_min <= 0 or backoff_max < backoff_min:
             raise ValueError("bad backoff parameters")
         self.path = Path(path)
+        self.sync = sync
         self.backoff_min, self.backoff_max, self.jitter = backoff_min, backoff_max, jitter
         self._rng = rng or random.Random()
         self._lock = threading.RLock()
@@ -506,19 +516,30 @@ class Journal:
     # -- plumbing ------------------------------------------------------------------------------------
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
         """One write transaction. BEGIN IMMEDIATE takes the write lock up front: a transaction that
         starts reading and later writes could fail with SQLITE_BUSY, which busy_timeout cannot
-        wait out."""
+        wait out.
+
+        ``durable`` False commits without syncing (``synchronous=NORMAL`` for this transaction):
+        in WAL mode such a commit stays in order and becomes durable with the next synced commit,
+        which syncs the whole WAL. Only states that moved no money and told nobody anything final
+        are written so (see :data:`LAZY`)."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            finally:
+                if not durable:
+                    self._db.execute(f"PRAGMA synchronous={self.sync.upper()}")
 
     def _migrate(self) -> None:
         with self._write() as db:
@@ -567,10 +588,11 @@ class Journal:
                     msgids: Sequence[tuple[str, str]] = (),
                     more: Callable[[sqlite3.Row, float], Mapping[str, Any]] | None = None,
                     **columns: Any) -> Entry:
-        """Check and apply one state change in one transaction. ``more`` computes further columns
-        from the current row inside that transaction (attempt counters, notes)."""
+        """Check and apply one state change in one transaction (synced unless ``to`` is in
+        :data:`LAZY`). ``more`` computes further columns from the current row inside that
+        transaction (attempt counters, notes)."""
         now = time.time() if now is None else now
-        with self._write() as db:
+        with self._write(durable=to not in LAZY) as db:
             r = self._row(db, row_id)
             cur = State(r["state"])
             if to not in _NEXT.get(cur, frozenset()) or (cur, to) in _NOT_FOR_OP[r["op"]]:
@@ -611,7 +633,7 @@ class Journal:
         _check_no_id("card_no", card_no)
         digest = args_hash(op, args)
         now = time.time() if now is None else now
-        with self._write() as db:
+        with self._write(durable=False) as db:  # received: nothing sent, nothing told (LAZY)
             r = db.execute("SELECT * FROM txn WHERE terminal_id = ? AND request_id = ? AND created_at > ?"
                            " ORDER BY created_at DESC, id DESC LIMIT 1",
                            (terminal_id, request_id, now - REQUEST_ID_WINDOW)).fetchone()
@@ -739,14 +761,20 @@ class Journal:
         return self._transition(row_id, State.REVERSAL_REFUSED, now, more=noted, next_retry_at=None,
                                 error_code=_short(code))
 
-    def mark_chip_written(self, row_id: int, *, now: float | None = None) -> Entry:
-        """The settlement's DF04/EF08 record is on the chip now (pending → written)."""
+    def mark_chip_written(self, row_id: int, *, reply: Mapping[str, Any] | None = None,
+                          now: float | None = None) -> Entry:
+        """The settlement's DF04/EF08 record is on the chip now (pending → written), with the reply
+        that says so. Not synced by itself (the sale's outcome already is): a power cut before
+        the next synced commit can leave it ``pending``, and the record is then written once more
+        the next time the card is seen (it carries the row's number, so the twin is recognisable)."""
         now = time.time() if now is None else now
-        with self._write() as db:
+        with self._write(durable=False) as db:
             r = self._row(db, row_id)
             if r["state"] != State.SETTLED or r["chip_record"] != "pending":
                 raise IllegalTransition(row_id, f"{r['state']}/chip {r['chip_record']}", "chip written")
-            db.execute("UPDATE txn SET chip_record = 'written', updated_at = ? WHERE id = ?", (now, row_id))
+            cols = {"chip_record": "written", "updated_at": now, **self._reply_column(reply)}
+            sets = ", ".join(f"{c} = ?" for c in cols)
+            db.execute(f"UPDATE txn SET {sets} WHERE id = ?", (*cols.values(), row_id))
             return _entry(self._row(db, row_id))
 
     def store_reply(self, row_id: int, reply: Mapping[str, Any], *,

@@ -16,7 +16,9 @@ Topics (``{id}`` the terminal id):
   connect, a retained Last Will ``{"state": "offline"}``, and ``{"state": "offline", "reason":
   "shutdown"}`` published on a clean stop;
 - events: :meth:`~DaemonLink.publish_event` on ``.../events`` (best effort, never queued);
-- POS commands: ``.../cmd`` (QoS 1) handed to the async ``on_command`` handler as a
+- POS commands: ``.../cmd`` (subscribed at QoS 0, so that none is queued for the daemon while it
+  is away and run later against another card; the POS retries under the same id) handed to the
+  async ``on_command`` handler as a
   :class:`Command`; each runs in its own task. Answers go through :meth:`~DaemonLink.reply`, which
   refuses (logs, publishes nothing) a Response Topic outside ``sscard/v1/term/{id}/reply/``;
 - backend: :meth:`~DaemonLink.request` publishes to ``sscard/v1/settle/req/{id}`` with Response
@@ -356,9 +358,15 @@ class DaemonLink:
         client = self._client()
         async with client:
             conn = _Conn(client)
-            filters = [self.response_topic] + ([self.cmd_topic] if self.on_command is not None else [])
-            for topic in filters:
-                codes = await client.subscribe(topic, qos=1)
+            # Commands at QoS 0 on purpose: the broker then queues none for the daemon while it is
+            # away (mosquitto's queue_qos0_messages is off), so a sale published meanwhile is never
+            # run minutes later against whatever card is in the reader by then. The POS times out
+            # and sends it again under the same id, which the journal makes harmless.
+            filters = [(self.response_topic, 1)]
+            if self.on_command is not None:
+                filters.append((self.cmd_topic, 0))
+            for topic, qos in filters:
+                codes = await client.subscribe(topic, qos=qos)
                 for code in codes:
                     value = int(code.value) if hasattr(code, "value") else int(code)
                     if value >= 0x80:

@@ -718,6 +718,20 @@ class Outcome:
         return self.topic is None
 
 
+def _stored_body(req: PosRequest, reply: Mapping[str, Any]) -> tuple[str, bytes]:
+    """A stored reply with this request's id (INTERNAL_ERROR, logged, if it cannot be sent)."""
+    try:
+        err = reply.get("error")
+        code = "OK" if reply.get("ok") is True else str(err.get("code") if isinstance(err, Mapping) else "?")
+        _check_json(reply, "stored reply")
+        body = _dumps({"id": req.id, **{k: v for k, v in reply.items() if k != "id"}})
+    except (TypeError, ValueError, UnicodeError, AttributeError) as exc:
+        log.error("pos.stored_reply_unusable", op=req.op, request_id=req.id, error_type=type(exc).__name__)
+        return "INTERNAL_ERROR", _internal_reply(req.id)
+    log.info("pos.stored_reply", op=req.op, request_id=req.id, code=code)
+    return code, body
+
+
 class Dispatcher:
     """op → async handler. A handler gets the parsed :class:`PosRequest` and returns the result
     object; an :class:`SSCardError` becomes an error reply, any other exception an INTERNAL_ERROR
@@ -759,12 +773,7 @@ class Dispatcher:
             result = await handler(req)
             body = ok_reply(req.id, result)
         except StoredReply as stored:
-            reply = dict(stored.reply)
-            ok = reply.get("ok") is True
-            code = "OK" if ok else str((reply.get("error") or {}).get("code", "INTERNAL_ERROR"))
-            _check_json(reply, "stored reply")
-            body = _dumps({"id": req.id, **{k: v for k, v in reply.items() if k != "id"}})
-            log.info("pos.stored_reply", op=req.op, request_id=req.id, code=code)
+            code, body = _stored_body(req, stored.reply)
         except SSCardError as exc:
             code = exc.code
             body = error_reply(req.id, exc)

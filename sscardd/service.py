@@ -39,12 +39,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final, Literal, TypeVar
+from pathlib import Path
+from typing import IO, Any, Final, Literal, TypeVar
 
 import structlog
 
@@ -53,7 +55,7 @@ from apdu_specs.identifiers import mask_name
 from sscardd import backend as B
 from sscardd.config import Config
 from sscardd.errors import SSCardError
-from sscardd.journal import Amounts, CardOnHold, Entry, IdReused, Journal, State
+from sscardd.journal import Amounts, Begun, CardOnHold, Entry, IdReused, IllegalTransition, Journal, State
 from sscardd.mqtt import AnswerTimeout, Command, DaemonLink, LateAnswer, LinkError
 from sscardd.pos_api import (
     BlockPin,
@@ -83,7 +85,7 @@ T = TypeVar("T")
 REVERSAL_DONE: Final = frozenset({"reversed", "tombstoned", "already_reversed", "already_voided",
                                   "nothing_to_reverse"})
 REVERSAL_IDLE_WAIT: Final = 30.0  # the worker looks at the journal at least this often
-PSAM_TIMEOUT: Final = 10.0
+STALE_SENT_MARGIN: Final = 5.0  # a `sent` row nobody works on, this long past the answer timeout: unknown
 EVENT_CONNECT_WAIT: Final = 5.0
 
 
@@ -107,6 +109,16 @@ class PsamState:
         return {"state": self.state, "terminal_no": self.terminal_no, "reader": self.reader}
 
 
+def _amounts(setlinfo: Mapping[str, Any]) -> Amounts:
+    """The four amounts of a 2102/2103 ``setlinfo``, which must add up."""
+    a = Amounts(medfee_sumamt=B.fen(setlinfo, "medfee_sumamt"),
+                fund_pay_sumamt=B.fen(setlinfo, "fund_pay_sumamt"),
+                acct_pay=B.fen(setlinfo, "acct_pay"), psn_cash_pay=B.fen(setlinfo, "psn_cash_pay"))
+    if a.fund_pay_sumamt + a.acct_pay + a.psn_cash_pay != a.medfee_sumamt:
+        raise B.BackendGarbage("the split does not add up to the total")
+    return a
+
+
 def _setl_time_digits(setl_time: str | None, fallback: datetime) -> str:
     digits = "".join(c for c in (setl_time or "") if c.isdigit())[:14]
     return digits if len(digits) == 14 else fallback.strftime("%Y%m%d%H%M%S")
@@ -123,6 +135,7 @@ class Daemon:
         self.cfg = cfg
         self.terminal_id = cfg.terminal.id
         self._card_reader = card_reader
+        self._given_card_reader = card_reader
         self._psam_reader = psam_reader
         self._own_journal = journal is None
         self._journal = journal
@@ -132,7 +145,10 @@ class Daemon:
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
         self._wake_reversals = asyncio.Event()
-        self._inflight: dict[int, asyncio.Future[None]] = {}
+        self._inflight: dict[str, asyncio.Future[None]] = {}  # POS request id → done
+        self._inflight_rows: set[int] = set()  # journal rows a handler is working on
+        self._draining = False
+        self.failed = False  # stopped because a task died (the exit status says so)
         self.link = DaemonLink(cfg.mqtt, self.terminal_id, on_command=self._on_command,
                                on_late_answer=self._on_late_answer, client_id=client_id)
         self.dispatcher = Dispatcher(terminal_id=self.terminal_id, max_payload=cfg.mqtt.max_payload,
@@ -159,48 +175,83 @@ class Daemon:
     def stop(self) -> None:
         self._stop.set()
 
+    def _supervise(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        log.error("a daemon task ended; stopping", task=task.get_name(),
+                  error=type(exc).__name__ if exc else "returned")
+        self.failed = True
+        self.stop()
+
+    async def _drain(self) -> None:
+        """Stop taking commands; wait for the sales and voids in flight (their 2102/2103 may be
+        out: cutting them off would force a reversal of a sale the customer may have left with)."""
+        self._draining = True
+        pending = [f for f in self._inflight.values() if not f.done()]
+        if pending:
+            log.info("stopping: waiting for the settlements in flight", count=len(pending))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.cfg.mqtt.answer_timeout + 5.0):
+                    await asyncio.gather(*(asyncio.shield(f) for f in pending), return_exceptions=True)
+
     async def run(self) -> None:
-        """Open the journal, resume its unfinished rows, find the readers and the PSAM, connect and
-        serve until :meth:`stop`."""
+        """Open the journal (exclusively: :class:`JournalInUse` if another daemon has it), resume
+        its unfinished rows, find the readers and the PSAM, connect and serve until :meth:`stop`.
+        Stopping takes no new commands, lets the sales in flight finish (up to the answer timeout)
+        and then disconnects. A background task that dies of a bug stops the daemon (the service
+        manager restarts it) rather than leave it serving half."""
+        lock = await asyncio.to_thread(_lock_journal, self.cfg.journal.path)
         if self._journal is None:
             self._journal = await asyncio.to_thread(Journal.from_config, self.cfg.journal, self.cfg.reversal)
-        tasks: list[asyncio.Task[None]] = []
+        link_task: asyncio.Task[None] | None = None
+        worker: asyncio.Task[None] | None = None
         try:
             await self._resume()
             await self._check_psam()
-            tasks.append(asyncio.create_task(self.link.run(), name="mqtt"))
-            tasks.append(asyncio.create_task(self._reversal_worker(), name="reversals"))
+            link_task = asyncio.create_task(self.link.run(), name="mqtt")
+            worker = asyncio.create_task(self._reversal_worker(), name="reversals")
+            for t in (link_task, worker):
+                t.add_done_callback(self._supervise)
             self._start_monitor()
             self.ready.set()
             log.info("daemon ready", terminal_id=self.terminal_id, psam=self.psam_state.state,
                      institution=self.cfg.institution.code, institution_type=self.cfg.institution.type)
             await self._stop.wait()
+            await self._drain()
         finally:
+            self._draining = True
             if self._monitor is not None:
                 await asyncio.to_thread(self._monitor.stop)
                 self._monitor = None
+            if worker is not None:
+                worker.remove_done_callback(self._supervise)
+                worker.cancel()
+                await asyncio.gather(worker, return_exceptions=True)
             self.link.stop()
-            for t in tasks:
-                if t.get_name() != "mqtt":
-                    t.cancel()
-            if tasks:
-                with contextlib.suppress(asyncio.TimeoutError):
+            if link_task is not None:
+                link_task.remove_done_callback(self._supervise)
+                with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(5.0):
-                        await asyncio.gather(*tasks, return_exceptions=True)
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                        await asyncio.gather(link_task, return_exceptions=True)
+                link_task.cancel()
+                await asyncio.gather(link_task, return_exceptions=True)
             for bg in list(self._tasks):
                 bg.cancel()
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
-            for reader in {r for r in (self._card_reader, self._psam_reader,
-                                       self._psam.reader if self._psam else None) if r is not None}:
+            # Readers handed in belong to the caller; the ones found here are closed.
+            handed_in = {id(self._given_card_reader), id(self._psam_reader)}
+            for reader in {r for r in (self._card_reader, self._psam.reader if self._psam else None)
+                           if r is not None and id(r) not in handed_in}:
                 with contextlib.suppress(Exception):
                     await reader.close()
+            if self._psam is not None and self._psam_reader is None:
+                self._psam = None
             if self._own_journal and self._journal is not None:
                 await asyncio.to_thread(self._journal.close)
                 self._journal = None
+            lock.close()
             log.info("daemon stopped", terminal_id=self.terminal_id)
 
     async def _j(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
@@ -223,7 +274,8 @@ class Daemon:
                 state.state = "no_psam"
             else:
                 state.reader = self._psam.reader.name
-                state.terminal_no = await asyncio.to_thread(self._psam.terminal_number)
+                # probe(), not the cached terminal number: the PSAM may have been swapped.
+                state.terminal_no = await asyncio.to_thread(self._psam.probe)
                 state.state = "ok" if state.terminal_no == self.terminal_id else "mismatch"
         except SSCardError as exc:
             log.warning("PSAM not usable", error=exc.code)
@@ -239,6 +291,7 @@ class Daemon:
         return state
 
     async def _require_psam(self) -> PsamClient:
+        """The PSAM, checked again now when it was not usable last time (NO_PSAM, TERMINAL_MISMATCH)."""
         if self.psam_state.state != "ok":
             await self._check_psam()
         if self.psam_state.state == "mismatch":
@@ -328,9 +381,15 @@ class Daemon:
     # -- MQTT ------------------------------------------------------------------------------------
 
     async def _on_command(self, cmd: Command) -> None:
+        if self._draining:
+            # Not taken: the POS times out and sends it again to the restarted daemon.
+            log.info("stopping: command not taken", size=len(cmd.payload))
+            return
         outcome = await self.dispatcher.handle(cmd.payload, response_topic=cmd.response_topic,
                                                correlation_data=cmd.correlation_data)
         self.stats[outcome.code] = self.stats.get(outcome.code, 0) + 1
+        if outcome.code in ("NO_PSAM", "PSAM_KEY_LEVEL") and self.psam_state.state == "ok":
+            self.psam_state = PsamState()  # pulled or swapped: looked at again before the next sale
         if outcome.topic is None or outcome.payload is None:
             return
         try:
@@ -395,28 +454,39 @@ class Daemon:
         except Exception:  # the journal is checked elsewhere; never fail a read for this
             return
         for entry in pending:
-            if not await self._write_chip_record(session, entry, info.card_id):
+            if entry.id in self._inflight_rows:
+                continue  # its own sale writes it
+            if await self._write_chip_record(session, entry, info.card_id) == "failed":
                 break
 
-    async def _write_chip_record(self, session: CardSession, entry: Entry, card_id: bytes) -> bool:
+    async def _write_chip_record(self, session: CardSession, entry: Entry, card_id: bytes,
+                                 reply: Mapping[str, Any] | None = None) -> Literal["written", "other_card",
+                                                                                    "failed"]:
+        """Write a settled row's DF04/EF08 record on the card ``card_id`` (if it is that row's card)
+        and mark it written, with ``reply`` as the stored reply. Under the card lock, re-checked
+        there: two writers can never both write one record."""
         data = entry.chip_data or {}
         try:
             if data.get("card_id") != card_id.hex().upper():
-                return True  # another card with this number (reissued): not ours to write
+                return "other_card"  # another card under this number (reissued): not ours to write
             record = TxnRecord(seq=int(data["seq"]), terminal=str(data["terminal"]), time=str(data["time"]),
                                account_fen=int(data["account_fen"]), self_pay_fen=int(data["self_pay_fen"]),
                                fund_fen=int(data["fund_fen"]))
             async with self._card_lock:
+                current = await self._j(self.journal.get, entry.id)
+                if current.chip_record != "pending":
+                    return "written"
                 written = await session.record_settlement(record, card_id=card_id)
-        except (SSCardError, KeyError, ValueError, TypeError) as exc:
+                if written:
+                    await self._j(self.journal.mark_chip_written, entry.id, reply=reply)
+        except (SSCardError, KeyError, ValueError, TypeError, IllegalTransition) as exc:
             log.info("chip record not written", row=entry.id, error=getattr(exc, "code", type(exc).__name__))
-            return False
+            return "failed"
         if not written:
             log.warning("the card refused the chip record", row=entry.id)
-            return False
-        await self._j(self.journal.mark_chip_written, entry.id)
+            return "failed"
         log.info("chip record written", row=entry.id)
-        return True
+        return "written"
 
     # -- simple ops ------------------------------------------------------------------------------
 
@@ -432,19 +502,20 @@ class Daemon:
         return out
 
     async def _card_read_basic(self, req: PosRequest) -> Mapping[str, Any]:
-        await self._require_psam_or_none()
+        await self._recheck_psam()
         session = await self._session()
         info = await self._read_card(session)
         return info.to_json()
 
-    async def _require_psam_or_none(self) -> None:
+    async def _recheck_psam(self) -> None:
+        """For reads that use the PSAM when there is one: look for it again if it was missing."""
         if self.psam_state.state != "ok":
             await self._check_psam()
 
     async def _card_read(self, req: PosRequest) -> Mapping[str, Any]:
         args = req.args
         assert isinstance(args, CardReadArgs)
-        await self._require_psam_or_none()
+        await self._recheck_psam()
         session = await self._session()
         pin: str | None = None
         if args.pin is not None and not isinstance(args.pin, KeypadPin):
@@ -458,7 +529,7 @@ class Daemon:
     async def _pin_source_ssn(self, session: CardSession, needs_ssn: bool) -> str:
         if not needs_ssn:
             return ""
-        await self._require_psam_or_none()
+        await self._recheck_psam()
         return (await self._read_card(session)).ssn
 
     async def _pin_verify(self, req: PosRequest) -> Mapping[str, Any]:
@@ -479,12 +550,7 @@ class Daemon:
         pins = resolve_pin_change(args.pin, key=self.cfg.pin.pin_block_key, ssn=ssn,
                                   policy=self.cfg.pin.policy())
         async with self._card_lock:
-            if pins is None:
-                await session.change_pin()
-            else:
-                if pins[1] != pins[2]:
-                    raise SSCardError("PIN_MISMATCH")
-                await session.change_pin(*pins)
+            await session.change_pin(*(pins or ()))
         return {"changed": True}
 
     async def _account_query(self, req: PosRequest) -> Mapping[str, Any]:
@@ -520,64 +586,83 @@ class Daemon:
     async def _journaled(self, req: PosRequest, body: Callable[[Entry], Awaitable[Mapping[str, Any]]],
                          *, orig_setl_id: str | None = None, preview: bool = False,
                          needs_psam: bool = True) -> Mapping[str, Any]:
-        """Begin (or find) the journal row of ``req`` and run ``body`` for a new one; a repeated id
-        gets the stored reply. Whatever ``body`` ends with is stored before it is answered."""
-        op: Literal["sale", "sale.void"] = "sale" if req.op == "sale" else "sale.void"
-        existing = await self._j(self.journal.get_by_request_id, self.terminal_id, req.id)
-        if existing is None and needs_psam:
-            await self._require_psam()
-        try:
-            begun = await self._j(self.journal.begin, req.id, op, req.raw_args, terminal_id=self.terminal_id,
-                                  preview=preview, orig_setl_id=orig_setl_id)
-        except IdReused:
-            raise SSCardError("ID_REUSED") from None
-        entry = begun.entry
-        if not begun.created:
-            await self._answer_repeat(entry)
+        """Run ``body`` for the journal row of ``req`` — or, for a repeated request id, answer what
+        the first delivery answered. Whatever ``body`` ends with is in the journal before the POS
+        hears it, and the POS hears exactly what the journal holds."""
+        # Claimed before the first await: a second delivery arriving meanwhile waits for this one.
+        first = self._inflight.get(req.id)
+        if first is not None:
+            await asyncio.shield(first)
+            return await self._repeat(req, preview, orig_setl_id)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._inflight[entry.id] = done
+        self._inflight[req.id] = done
+        row_id: int | None = None
         try:
+            if needs_psam and self.psam_state.state != "ok" and \
+                    await self._j(self.journal.get_by_request_id, self.terminal_id, req.id) is None:
+                await self._require_psam()  # a new sale: refused (not journaled) without the PSAM
+            begun = await self._begin(req, preview, orig_setl_id)
+            if not begun.created:
+                raise StoredReply(await self._stored_reply(begun.entry))
+            row_id = begun.entry.id
+            self._inflight_rows.add(row_id)
             try:
-                result = await body(entry)
+                return await body(begun.entry)
             except SSCardError as err:
-                await self._settle_refusal(entry.id, err)
-                raise
-            except asyncio.CancelledError:
+                raise StoredReply(await self._record_failure(row_id, err)) from None
+            except (asyncio.CancelledError, StoredReply):
                 raise
             except Exception:
-                log.error("sale failed unexpectedly", row=entry.id, exc_info=True)
-                await self._settle_refusal(entry.id, SSCardError("INTERNAL_ERROR"))
-                raise
-            return result
+                log.error("settlement failed unexpectedly", row=row_id, exc_info=True)
+                raise StoredReply(await self._record_failure(row_id, SSCardError("INTERNAL_ERROR"))) from None
         finally:
-            self._inflight.pop(entry.id, None)
+            if row_id is not None:
+                self._inflight_rows.discard(row_id)
+            del self._inflight[req.id]
             done.set_result(None)
 
-    async def _answer_repeat(self, entry: Entry) -> None:
-        """A repeated request id: wait for the first delivery if it is still running, then raise
-        :class:`StoredReply` with what it answered."""
-        running = self._inflight.get(entry.id)
-        if running is not None:
-            await asyncio.shield(running)
+    async def _begin(self, req: PosRequest, preview: bool, orig_setl_id: str | None) -> Begun:
+        op: Literal["sale", "sale.void"] = "sale" if req.op == "sale" else "sale.void"
+        try:
+            return await self._j(self.journal.begin, req.id, op, req.raw_args, terminal_id=self.terminal_id,
+                                 preview=preview, orig_setl_id=orig_setl_id)
+        except IdReused:
+            raise SSCardError("ID_REUSED") from None
+
+    async def _repeat(self, req: PosRequest, preview: bool, orig_setl_id: str | None) -> Mapping[str, Any]:
+        """A delivery of a request id whose first delivery has finished here."""
+        begun = await self._begin(req, preview, orig_setl_id)
+        if begun.created:  # the first one was refused before it reached the journal (no PSAM)
+            raise SSCardError("SALE_INTERRUPTED", "the first delivery of this request was not recorded")
+        raise StoredReply(await self._stored_reply(begun.entry))
+
+    async def _stored_reply(self, entry: Entry) -> Mapping[str, Any]:
+        """What a repeated request id is answered: the stored reply, else what the row's state says
+        (rows left by an earlier run are resolved at start-up, and get a reply then)."""
         entry = await self._j(self.journal.get, entry.id)
         if entry.reply is not None:
-            raise StoredReply(entry.reply)
+            return entry.reply
         if entry.state in (State.SENT, State.UNKNOWN, State.REVERSING, State.REVERSAL_REFUSED):
-            raise SSCardError("OUTCOME_UNKNOWN")
-        raise SSCardError("SALE_INTERRUPTED")
+            return error_reply_doc(SSCardError("OUTCOME_UNKNOWN"))
+        return error_reply_doc(SSCardError("SALE_INTERRUPTED"))
 
-    async def _settle_refusal(self, row_id: int, err: SSCardError) -> None:
-        """Store the error reply of a row; a row still before ``sent`` is refused with it, a ``sent``
-        one (an unexpected failure while its message may be out) becomes unknown and is reversed."""
+    async def _record_failure(self, row_id: int, err: SSCardError) -> Mapping[str, Any]:
+        """Put a failure of the row's handler in the journal and return the reply the POS gets:
+        before ``sent`` the row is refused with ``err``; while ``sent`` (the message may be out) it
+        becomes unknown and is reversed; once it has an outcome, that outcome's stored reply
+        stands — a failure after the settlement never contradicts it."""
         entry = await self._j(self.journal.get, row_id)
-        reply = error_reply_doc(err)
         if entry.state == State.SENT:
             await self._unknown(row_id, f"failed while sent: {err.code}")
-            return
-        if entry.state in (State.RECEIVED, State.PRE_SETTLED):
-            await self._j(self.journal.mark_refused, row_id, code=err.code, message=err.message, reply=reply)
-        elif entry.reply is None or entry.state == State.UNKNOWN:
-            await self._j(self.journal.store_reply, row_id, reply)
+            entry = await self._j(self.journal.get, row_id)
+        elif entry.state in (State.RECEIVED, State.PRE_SETTLED):
+            entry = await self._j(self.journal.mark_refused, row_id, code=err.code, message=err.message,
+                                  reply=error_reply_doc(err))
+        if entry.reply is None:
+            await self._j(self.journal.store_reply, row_id, error_reply_doc(err))
+            entry = await self._j(self.journal.get, row_id)
+        assert entry.reply is not None
+        return entry.reply
 
     async def _sale(self, req: PosRequest) -> Mapping[str, Any]:
         args = req.args
@@ -637,13 +722,12 @@ class Daemon:
         if not pre.ok:
             raise pre.error()
         try:
-            receipt = self._receipt(pre.output, info, auth.pin_verified, m2101)
+            receipt, pre_amounts = self._receipt(pre.output, info, auth.pin_verified, m2101, args.total_fen)
         except B.BackendGarbage as exc:
             log.warning("backend answer unreadable", infno="2101", msgid=m2101, reason=str(exc))
             raise SSCardError("BACKEND_UNAVAILABLE", "unreadable answer") from None
-        psn_no = receipt["psn_no"]
-        await self._j(self.journal.mark_pre_settled, entry.id, msgid_2101=m2101,
-                      amounts=receipt.pop("_amounts"), card_no=info.card_no, psn_no=psn_no)
+        await self._j(self.journal.mark_pre_settled, entry.id, msgid_2101=m2101, amounts=pre_amounts,
+                      card_no=info.card_no, psn_no=receipt["psn_no"])
         if args.preview:
             result = {**receipt, "preview": True}
             await self._j(self.journal.mark_previewed, entry.id, reply=ok_reply_doc(result))
@@ -661,27 +745,27 @@ class Daemon:
                           reply=error_reply_doc(err))
             raise err
         try:
-            receipt = self._receipt(answer.output, info, auth.pin_verified, m2102)
+            receipt, amounts = self._receipt(answer.output, info, auth.pin_verified, m2102, args.total_fen)
             setl_id = receipt["setl_id"]
             if not isinstance(setl_id, str) or not setl_id:
                 raise B.BackendGarbage("setl_id missing")
         except B.BackendGarbage as exc:
-            await self._unknown(entry.id, f"unreadable 2102 answer: {exc}")
+            # Not a settlement this daemon can stand behind (e.g. another total): reversed.
+            log.error("ALARM: 2102 answer unusable; reversing", row=entry.id, msgid=m2102, reason=str(exc))
+            await self._unknown(entry.id, f"unusable 2102 answer: {exc}")
             raise SSCardError("OUTCOME_UNKNOWN") from None
-        amounts: Amounts = receipt.pop("_amounts")
         now = B.now_beijing()
         chip = {"seq": entry.id & 0xFFFF, "terminal": self.terminal_id,
                 "time": _setl_time_digits(receipt.get("setl_time"), now),
                 "account_fen": amounts.acct_pay, "self_pay_fen": amounts.psn_cash_pay,
                 "fund_fen": amounts.fund_pay_sumamt, "card_id": info.card_id.hex().upper()}
         result = {**receipt, "chip_record": "pending"}
-        await self._j(self.journal.mark_settled, entry.id, setl_id=setl_id, amounts=amounts,
-                      mdtrt_id=receipt.get("mdtrt_id"), setl_time=receipt.get("setl_time"),
-                      insutype=receipt.get("insutype"), chip_data=chip, reply=ok_reply_doc(result))
-        settled = await self._j(self.journal.get, entry.id)
-        if await self._write_chip_record(session, settled, info.card_id):
-            result["chip_record"] = "written"
-            await self._j(self.journal.store_reply, entry.id, ok_reply_doc(result))
+        settled = await self._j(self.journal.mark_settled, entry.id, setl_id=setl_id, amounts=amounts,
+                                mdtrt_id=receipt.get("mdtrt_id"), setl_time=receipt.get("setl_time"),
+                                insutype=receipt.get("insutype"), chip_data=chip, reply=ok_reply_doc(result))
+        written = {**result, "chip_record": "written"}
+        if await self._write_chip_record(session, settled, info.card_id, ok_reply_doc(written)) == "written":
+            result = written
         log.info("sale settled", row=entry.id, msgid=m2102, setl_id=setl_id, total=total,
                  chip_record=result["chip_record"])
         return result
@@ -715,14 +799,13 @@ class Daemon:
         self._wake_reversals.set()
 
     def _receipt(self, output: Mapping[str, Any], info: BasicInfo, pin_verified: bool,
-                 msg_id: str) -> dict[str, Any]:
-        """The POS receipt from a 2101/2102 output (money re-checked; ``_amounts`` for the journal)."""
+                 msg_id: str, total_fen: int) -> tuple[dict[str, Any], Amounts]:
+        """The POS receipt from a 2101/2102 output, and its amounts for the journal. The money is
+        checked: the backend's total must be the sale's, and its split must add up."""
         s = B.section(output, "setlinfo")
-        amounts = Amounts(medfee_sumamt=B.fen(s, "medfee_sumamt"),
-                          fund_pay_sumamt=B.fen(s, "fund_pay_sumamt"),
-                          acct_pay=B.fen(s, "acct_pay"), psn_cash_pay=B.fen(s, "psn_cash_pay"))
-        if amounts.fund_pay_sumamt + amounts.acct_pay + amounts.psn_cash_pay != amounts.medfee_sumamt:
-            raise B.BackendGarbage("the split does not add up to the total")
+        amounts = _amounts(s)
+        if amounts.medfee_sumamt != total_fen:
+            raise B.BackendGarbage("the answer's total is not the sale's")
         lines_in = output.get("detlcutinfo")
         if not isinstance(lines_in, list):
             raise B.BackendGarbage("detlcutinfo is not a list")
@@ -763,8 +846,7 @@ class Daemon:
             "preselfpay_amt": format_money(B.fen(s, "preselfpay_amt")),
             "balc": format_money(B.fen(s, "balc")),
             "lines": lines,
-            "_amounts": amounts,
-        }
+        }, amounts
 
     async def _sale_void(self, req: PosRequest) -> Mapping[str, Any]:
         args = req.args
@@ -792,9 +874,7 @@ class Daemon:
             raise err
         try:
             s = B.section(answer.output, "setlinfo")
-            amounts = Amounts(medfee_sumamt=B.fen(s, "medfee_sumamt"),
-                              fund_pay_sumamt=B.fen(s, "fund_pay_sumamt"), acct_pay=B.fen(s, "acct_pay"),
-                              psn_cash_pay=B.fen(s, "psn_cash_pay"))
+            amounts = _amounts(s)
             result = {"setl_id": args.setl_id, "mdtrt_id": B.text(s, "mdtrt_id", optional=True),
                       "void_time": B.text(s, "void_time", optional=True), "msgid": m2103,
                       "refd_setl_flag": "1",
@@ -829,6 +909,7 @@ class Daemon:
     async def _reversal_worker(self) -> None:
         while True:
             try:
+                await self._sweep_stale_sent()
                 due = await self._j(self.journal.pending_reversals)
                 for entry in due:
                     await self._reverse(entry)
@@ -845,9 +926,21 @@ class Daemon:
                         await self._wake_reversals.wait()
             self._wake_reversals.clear()
 
+    async def _sweep_stale_sent(self) -> None:
+        """A ``sent`` row no handler works on any more (its handler failed to record the outcome)
+        becomes unknown once its answer cannot come in time: it is reversed, not left holding
+        its card until the next restart."""
+        limit = time.time() - self.cfg.mqtt.answer_timeout - STALE_SENT_MARGIN
+        for entry in await self._j(self.journal.unfinished):
+            if entry.state == State.SENT and entry.id not in self._inflight_rows and entry.updated_at < limit:
+                await self._unknown(entry.id, "sent, and no handler is waiting for the answer")
+
     async def _reverse(self, entry: Entry) -> None:
         if not entry.msgid_2601 or not entry.msgid or not entry.infno:
-            log.error("cannot reverse a row without its messages", row=entry.id)
+            # Cannot happen through this module; never loop on it.
+            log.error("ALARM: a row to reverse lacks its messages", row=entry.id)
+            await self._j(self.journal.mark_reversing, entry.id)
+            await self._j(self.journal.mark_reversal_refused, entry.id, code="NO_MESSAGES")
             return
         await self._j(self.journal.mark_reversing, entry.id)
         try:
@@ -886,7 +979,26 @@ class Daemon:
                 "requests": dict(self.stats)}
 
 
-# --- ``sscardd run`` -----------------------------------------------------------------------------
+# --- the journal lock and ``sscardd run`` --------------------------------------------------------
+
+
+class JournalInUse(Exception):
+    """Another daemon holds this journal: two would resume (and reverse) each other's sales."""
+
+
+def _lock_journal(path: Path) -> IO[bytes]:
+    """An exclusive ``flock`` on ``<journal>.lock``, held while the daemon runs (closing the returned
+    file releases it; so does the process ending, however it ends)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    f = open(path.with_name(path.name + ".lock"), "ab")  # noqa: SIM115 - held for the daemon's life
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise JournalInUse(f"{path}: another sscardd is running with this journal") from None
+    return f
+
+
 
 
 async def serve(cfg: Config) -> int:
@@ -899,7 +1011,10 @@ async def serve(cfg: Config) -> int:
         loop.add_signal_handler(sig, daemon.stop)
     try:
         await daemon.run()
+    except JournalInUse as exc:
+        log.error("not started", reason=str(exc))
+        return 1
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-    return 0
+    return 1 if daemon.failed else 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -236,3 +237,74 @@ async def test_an_unreadable_2102_answer_is_an_unknown_outcome(lab: SettleLab) -
                          lambda e: e.state == State.REVERSED)
         assert settlement_state(lab, held["msgid"]) == "reversed"
         assert lab.balance(ZHANG.ssn) == before
+
+
+async def test_sigterm_mid_sale_finishes_the_sale_then_exits(lab: SettleLab, tmp_path: Path) -> None:
+    work = tmp_path / "term"
+    work.mkdir()
+    card, psam = issue_images(work, ZHANG, terminal_id=A)
+    cfg_path = work / "sscardd.toml"
+    cfg_path.write_text(config_text(lab, A, work, card=f"emulated:{card}", psam=f"emulated:{psam}",
+                                    answer_timeout=20.0, message_expiry=15))
+    daemon = DaemonProcess(cfg_path)
+    try:
+        daemon.start()
+        await asyncio.to_thread(daemon.wait_log, "broker connected")
+        lab.faults.arm("hold_answer", infno="2102", terminal_id=A)
+        reply_topic = f"sscard/v1/term/{A}/reply/term"
+        async with lab.mosq.client(broker.pos_username(A)) as pos:
+            await pos.subscribe(reply_topic, qos=1)
+            corr = await pos_send(lab, A, "sale", sale(pin_block(GOOD, ZHANG.ssn), SMALL), reply_topic, pos)
+            held = await asyncio.to_thread(lab.faults.wait_held, infno="2102")
+            assert daemon.proc is not None
+            daemon.proc.terminate()
+            await asyncio.to_thread(daemon.wait_log, "waiting for the settlements in flight")
+            lab.faults.release(infno="2102")
+            async with asyncio.timeout(20):
+                msg = await anext(pos.messages)
+            assert msg.properties is not None and msg.properties.CorrelationData == corr
+            reply = json.loads(msg.payload)  # type: ignore[arg-type]
+            assert reply["ok"] and reply["result"]["msgid"] == held["msgid"], reply
+        assert await asyncio.to_thread(daemon.proc.wait, 20) == 0
+        with Journal(lab.workdir / f"journal-{A}.sqlite3") as j:
+            row = j.find_by_msgid(held["msgid"])
+            assert row is not None and row.state == State.SETTLED
+        assert settlement_state(lab, held["msgid"]) == "settled"
+    finally:
+        daemon.stop()
+
+
+async def test_a_sale_published_while_the_daemon_is_away_is_never_run(lab: SettleLab) -> None:
+    async with lab.terminal(A, ZHANG) as t:
+        await t.stop_daemon()
+        assert t.pos is not None
+        await pos_send(lab, A, "sale", sale(pin_block(GOOD, ZHANG.ssn), SMALL), t.reply_topic, t.pos)
+        await t.start()
+        # Commands are delivered in order: had the broker queued the sales, they would come first.
+        st = await t.request("card.status")
+        assert st["ok"]
+        assert t.daemon is not None and set(t.daemon.stats) == {"OK"} and t.daemon.stats["OK"] == 1
+        assert not t.journal._query("SELECT * FROM txn WHERE created_at > ?", (time.time() - 60,))
+
+
+async def test_a_wrong_psam_replaced_by_the_right_one_clears(lab: SettleLab, tmp_path: Path) -> None:
+    from firmware_sim.loader import load_psam
+
+    async with lab.terminal(A, ZHANG, psam_terminal=B) as t:
+        r = await t.request("sale", sale(pin_block(GOOD, ZHANG.ssn), SMALL))
+        assert r["error"]["code"] == "TERMINAL_MISMATCH"
+        _, right = issue_images(tmp_path / "right", ZHANG, terminal_id=A)
+        assert t.psam is not None
+        with t.psam.state_lock:
+            t.psam.card = load_psam(right)
+        r2 = await t.request("sale", sale(pin_block(GOOD, ZHANG.ssn), SMALL))
+        assert r2["ok"], r2
+
+
+async def test_two_daemons_cannot_share_a_journal(lab: SettleLab) -> None:
+    from sscardd.service import Daemon, JournalInUse
+
+    async with lab.terminal(A, ZHANG) as t:
+        second = Daemon(t.cfg, card_reader=t.card, psam_reader=t.psam)
+        with pytest.raises(JournalInUse):
+            await second.run()
