@@ -40,12 +40,17 @@ def sale_challenge(msgid: str, total: str, terminal_id: str) -> tuple[bytes, byt
     return d[0:8], d[8:16]
 
 
+def card_cryptogram(alg: Algorithm, card_irk: bytes, msgid: str, total: str, terminal_id: str) -> bytes:
+    """What the card holding ``card_irk`` (its diversified IRK) answers for this sale."""
+    session_input, plain = sale_challenge(msgid, total, terminal_id)
+    return crypto.auth_data(alg, card_irk, session_input, plain)
+
+
 def expected_cryptogram(alg: Algorithm, root_irk: bytes, region: str, historical: bytes,
                         msgid: str, total: str, terminal_id: str) -> bytes:
     """What the genuine card answers for this sale (the backend's check)."""
     card_irk = crypto.derive(alg, root_irk, crypto.diversification_factors(region, historical))
-    session_input, plain = sale_challenge(msgid, total, terminal_id)
-    return crypto.auth_data(alg, card_irk, session_input, plain)
+    return card_cryptogram(alg, card_irk, msgid, total, terminal_id)
 
 
 def check_cryptogram(alg: Algorithm, root_irk: bytes, region: str, historical: bytes, msgid: str,
