@@ -861,6 +861,10 @@ class Journal:
                                  " WHERE state IN ('unknown', 'reversing')").fetchone()
         return None if r[0] is None else float(r[0])
 
+    def refused_reversals(self) -> list[Entry]:
+        """Rows whose reversal the backend refused: their cards stay held until an operator acts."""
+        return self._query("SELECT * FROM txn WHERE state = 'reversal_refused' ORDER BY id")
+
     def unfinished(self) -> list[Entry]:
         """Rows to resume at start-up (every non-final state), oldest first."""
         marks = ", ".join("?" for _ in UNFINISHED_STATES)

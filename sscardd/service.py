@@ -85,6 +85,7 @@ T = TypeVar("T")
 REVERSAL_DONE: Final = frozenset({"reversed", "tombstoned", "already_reversed", "already_voided",
                                   "nothing_to_reverse"})
 REVERSAL_IDLE_WAIT: Final = 30.0  # the worker looks at the journal at least this often
+REVERSAL_CONCURRENCY: Final = 8
 STALE_SENT_MARGIN: Final = 5.0  # a `sent` row nobody works on, this long past the answer timeout: unknown
 EVENT_CONNECT_WAIT: Final = 5.0
 
@@ -142,6 +143,7 @@ class Daemon:
         self.psam_state = PsamState()
         self._psam: PsamClient | None = None
         self._card_lock = asyncio.Lock()
+        self._find_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
         self._wake_reversals = asyncio.Event()
@@ -302,10 +304,11 @@ class Daemon:
         return self._psam
 
     async def _session(self) -> CardSession:
-        if self._card_reader is None:
-            exclude = [self._psam.reader.name] if self._psam is not None else []
-            self._card_reader = await find_card_reader(self.cfg.readers.card, exclude=exclude)
-            self._picked_card_reader = self.cfg.readers.card is None
+        async with self._find_lock:  # two requests at once must not both open a reader
+            if self._card_reader is None:
+                exclude = [self._psam.reader.name] if self._psam is not None else []
+                self._card_reader = await find_card_reader(self.cfg.readers.card, exclude=exclude)
+                self._picked_card_reader = self.cfg.readers.card is None
         psam = self._psam if self.psam_state.state == "ok" else None
         return CardSession(self._card_reader, psam, pin_policy=self.cfg.pin.policy(),
                            device_no=self.cfg.terminal.device_no)
@@ -904,15 +907,27 @@ class Daemon:
             elif entry.state == State.SENT:
                 await self._unknown(entry.id, "the daemon stopped before the answer")
                 log.info("resumed: sent without an answer, reversing", row=entry.id)
+        for entry in await self._j(self.journal.refused_reversals):
+            log.error("ALARM: a reversal the backend refused still holds its card; an operator must "
+                      "resolve it", row=entry.id, msgid=entry.msgid, err_code=entry.error_code)
         self._wake_reversals.set()
 
+    async def _reverse_bounded(self, entry: Entry, sem: asyncio.Semaphore) -> None:
+        async with sem:
+            await self._reverse(entry)
+
     async def _reversal_worker(self) -> None:
+        sem = asyncio.Semaphore(REVERSAL_CONCURRENCY)
         while True:
             try:
                 await self._sweep_stale_sent()
                 due = await self._j(self.journal.pending_reversals)
-                for entry in due:
-                    await self._reverse(entry)
+                # Side by side (bounded): in an outage N rows must not cost N answer timeouts a pass.
+                results = await asyncio.gather(*(self._reverse_bounded(e, sem) for e in due),
+                                               return_exceptions=True)
+                for e, res in zip(due, results, strict=True):
+                    if isinstance(res, Exception):
+                        log.error("reversal failed", row=e.id, error=type(res).__name__)
                 nxt = await self._j(self.journal.next_reversal_due)
             except asyncio.CancelledError:
                 raise

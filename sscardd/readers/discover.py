@@ -32,7 +32,7 @@ async def find_card_reader(name: str | None, *, exclude: Collection[str] = ()) -
     security card; NO_CARD if none does."""
     if name:
         return open_reader(name)
-    for candidate in pcsc_reader_names():
+    for candidate in await asyncio.to_thread(pcsc_reader_names):
         if candidate in exclude:
             continue
         reader = open_reader(candidate)
@@ -58,7 +58,7 @@ async def find_psam(name: str | None, *, exclude: Collection[str] = ()) -> PsamC
             raise
         return client
     try:
-        names = pcsc_reader_names()
+        names = await asyncio.to_thread(pcsc_reader_names)
     except SSCardError:
         return None  # no pcscd: no PSAM to find
     for candidate in names:
