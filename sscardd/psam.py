@@ -147,6 +147,34 @@ class PsamClient:
 
         return self._call(op)
 
+    def encrypt_mac(self, card: CardRef, key: str, session_input: bytes, header: bytes,
+                    plain: bytes) -> bytes:
+        """The data field of a secure-messaging command carrying a secret (card-spec §4.4, e.g.
+        the 84 24 PIN reload): ``enc ‖ MAC``, both under one session key of the card's ``key``.
+
+        ``enc`` = ECB(LD ‖ ``plain`` ‖ ``80 00..``); the MAC covers ``header`` (CLA INS P1 P2) ‖
+        Lc ‖ ``enc`` with Lc = len(enc) + 4. The plaintext only travels in CIPHER DATA, whose
+        body the APDU trace never logs."""
+        if len(header) != 4:
+            raise ValueError("header is CLA INS P1 P2")
+
+        def op(link: CardLink) -> bytes:
+            ex = self._exchange(link)
+            self._enter(ex, card.alg)
+            self._session(ex, card, key, session_input)
+            block = crypto.pad_enc(bytes((len(plain),)) + plain, card.alg.block_size)
+            enc = self._cipher(ex, A.CIPHER_ENC, block)
+            if len(enc) != len(block):
+                raise SSCardError("BAD_CALCULATION_DATA", "PSAM answer length")
+            # A single operation ends the session key; the same inputs give the same key again.
+            self._session(ex, card, key, session_input)
+            mac = self._cipher(ex, A.CIPHER_MAC, header + bytes((len(enc) + 4,)) + enc)
+            if len(mac) != 4:
+                raise SSCardError("BAD_CALCULATION_DATA", "PSAM MAC length")
+            return enc + mac
+
+        return self._call(op)
+
     def probe(self) -> str:
         """Check that this reader holds a PSAM (it answers SELECT of the PSAM application
         D15600000590); returns its terminal number."""

@@ -52,7 +52,9 @@ import structlog
 
 from apdu_specs import sale_auth
 from apdu_specs.identifiers import mask_name
+from sscardd import __version__
 from sscardd import backend as B
+from sscardd import config as config_mod
 from sscardd.config import Config
 from sscardd.errors import SSCardError
 from sscardd.journal import Amounts, Begun, CardOnHold, Entry, IdReused, IllegalTransition, Journal, State
@@ -162,6 +164,8 @@ class Daemon:
         }.items():
             self.dispatcher.register(op, handler)
         self.stats: dict[str, int] = {}
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._reload_hooks: list[Callable[[Config], None]] = []  # e.g. the kiosk server's limits
         self._monitor: Any = None  # PcscMonitor, when PC/SC readers are watched
         self._picked_card_reader = False  # found on PC/SC (not configured): re-found after removal
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -176,6 +180,32 @@ class Daemon:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def reload(self) -> bool:
+        """SIGHUP: take over what can change without a restart (logging, the PIN policy and
+        PIN-block key, reversal backoff, the kiosk allow-lists and limits). A bad file is refused
+        with a log line naming the key, and the running configuration stays."""
+        try:
+            new, restart = config_mod.reload(self.cfg)
+        except config_mod.ConfigError as exc:
+            log.error("configuration not reloaded; the running one stays", error=str(exc))
+            return False
+        old, self.cfg = self.cfg, new
+        self.dispatcher.allow_clear_pin = new.pin.allow_clear_over_mqtt
+        if self._journal is not None:
+            self._journal.backoff_min = new.reversal.backoff_min
+            self._journal.backoff_max = new.reversal.backoff_max
+        if new.logging != old.logging:
+            from sscardd import log as log_mod
+
+            log_mod.configure(new.logging.level, json=new.logging.json)
+        for hook in self._reload_hooks:
+            hook(new)
+        changed = config_mod.changed_keys(old, new)
+        log.info("configuration reloaded", changed=changed)
+        if restart:
+            log.warning("changed keys that only a restart applies", keys=restart)
+        return True
 
     def _supervise(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -341,6 +371,12 @@ class Daemon:
             self._spawn(reader.close())
         # Events name the reader and what happened, never the card holder.
         self._spawn(self._publish_event(kind, {"reader": event.reader}))
+        doc = {"event": kind, "reader": event.reader, "at": B.now_beijing().isoformat(timespec="seconds")}
+        for listener in list(self._listeners):
+            try:
+                listener(doc)
+            except Exception:  # a listener's failure is its own
+                log.warning("event listener failed", exc_info=True)
         if event.kind is ReaderEventKind.CARD_INSERTED:
             self._spawn(self._card_seen(event.reader))
 
@@ -491,9 +527,10 @@ class Daemon:
         log.info("chip record written", row=entry.id)
         return "written"
 
-    # -- simple ops ------------------------------------------------------------------------------
+    # -- the services (POS over MQTT and the local socket share them) ------------------------------
 
-    async def _card_status(self, req: PosRequest) -> Mapping[str, Any]:
+    async def card_status(self) -> dict[str, Any]:
+        """Whether a card is present and what it is; its hold and owed chip records; the PSAM."""
         session = await self._session()
         async with self._card_lock:
             out = await session.status()
@@ -504,59 +541,70 @@ class Daemon:
         out["psam"] = self.psam_state.state
         return out
 
-    async def _card_read_basic(self, req: PosRequest) -> Mapping[str, Any]:
+    async def current_card_no(self) -> str | None:
+        """The number of the card in the reader (for per-card limits), None without one."""
+        try:
+            status = await self.card_status()
+        except SSCardError:
+            return None
+        card_no = status.get("card_no")
+        return card_no if isinstance(card_no, str) else None
+
+    async def read_basic(self) -> dict[str, Any]:
+        """``iReadCardBas``: the typed fields and the compat string."""
         await self._recheck_psam()
         session = await self._session()
-        info = await self._read_card(session)
-        return info.to_json()
+        return (await self._read_card(session)).to_json()
 
-    async def _recheck_psam(self) -> None:
-        """For reads that use the PSAM when there is one: look for it again if it was missing."""
-        if self.psam_state.state != "ok":
-            await self._check_psam()
-
-    async def _card_read(self, req: PosRequest) -> Mapping[str, Any]:
-        args = req.args
-        assert isinstance(args, CardReadArgs)
+    async def card_read(self, address: str, auth: str = "key", pin: str | None = None) -> dict[str, Any]:
+        """``iReadCard`` in the file-address syntax; ``pin`` for files that need it (None with
+        ``auth="pin"``: the reader's keypad)."""
         await self._recheck_psam()
         session = await self._session()
-        pin: str | None = None
-        if args.pin is not None and not isinstance(args.pin, KeypadPin):
-            info = await self._read_card(session) if isinstance(args.pin, BlockPin) else None
-            pin = resolve_pin(args.pin, key=self.cfg.pin.pin_block_key, ssn=info.ssn if info else "",
-                              policy=self.cfg.pin.policy())
         async with self._card_lock:
-            value = await session.read(args.address, pin=pin, auth=args.auth)
-        return {"address": args.address, "value": value}
+            value = await session.read(address, pin=pin, auth=auth)
+        return {"address": address, "value": value}
 
-    async def _pin_source_ssn(self, session: CardSession, needs_ssn: bool) -> str:
-        if not needs_ssn:
-            return ""
-        await self._recheck_psam()
-        return (await self._read_card(session)).ssn
-
-    async def _pin_verify(self, req: PosRequest) -> Mapping[str, Any]:
-        args = req.args
-        assert isinstance(args, PinVerifyArgs)
+    async def pin_verify(self, pin: str | None) -> dict[str, Any]:
+        """VERIFY on the chip (None: the keypad). An initial PIN is PIN_INITIAL."""
         session = await self._session()
-        ssn = await self._pin_source_ssn(session, isinstance(args.pin, BlockPin))
-        pin = resolve_pin(args.pin, key=self.cfg.pin.pin_block_key, ssn=ssn, policy=self.cfg.pin.policy())
         async with self._card_lock:
             await session.verify_pin(pin)
         return {"verified": True}
 
-    async def _pin_change(self, req: PosRequest) -> Mapping[str, Any]:
-        args = req.args
-        assert isinstance(args, PinChangeArgs)
+    async def pin_change(self, old: str | None, new: str | None, new_again: str | None) -> dict[str, Any]:
+        """CHANGE PIN (all None: the keypad)."""
         session = await self._session()
-        ssn = await self._pin_source_ssn(session, args.pin.source == "block")
-        pins = resolve_pin_change(args.pin, key=self.cfg.pin.pin_block_key, ssn=ssn,
-                                  policy=self.cfg.pin.policy())
         async with self._card_lock:
-            await session.change_pin(*(pins or ()))
+            await session.change_pin(old, new, new_again)
         return {"changed": True}
 
-    async def _account_query(self, req: PosRequest) -> Mapping[str, Any]:
+    async def records_list(self, pin: str | None) -> dict[str, Any]:
+        """The chip's settlement log (DF04/EF08), newest first (reading it needs the PIN)."""
+        await self._recheck_psam()
+        session = await self._session()
+        async with self._card_lock:
+            records = await session.settlement_records(pin)
+        return {"records": records}
+
+    async def pin_unblock(self) -> dict[str, Any]:
+        """Reset the PIN try counter (service hall: a PSAM with PUK rights)."""
+        await self._require_psam()
+        session = await self._session()
+        async with self._card_lock:
+            await session.unblock_pin()
+        return {"unblocked": True}
+
+    async def pin_reload(self, new_pin: str) -> dict[str, Any]:
+        """Set a new PIN without the old one (service hall: a PSAM with PUK rights)."""
+        await self._require_psam()
+        session = await self._session()
+        async with self._card_lock:
+            await session.reload_pin(new_pin)
+        return {"reloaded": True}
+
+    async def account_query(self) -> dict[str, Any]:
+        """Identity and personal account (1101) of the card in the reader."""
         await self._require_psam()
         session = await self._session()
         info = await self._read_card(session)
@@ -570,7 +618,7 @@ class Daemon:
             if not isinstance(insu, list) or not insu or not isinstance(insu[0], dict):
                 raise B.BackendGarbage("insuinfo is not a list of objects")
             first = insu[0]
-            result = {
+            return {
                 "card_no": info.card_no, "psn_name": mask_name(info.name), "psn_no": B.text(base, "psn_no"),
                 "balc": format_money(B.fen(first, "balc")), "insutype": B.text(first, "insutype"),
                 "psn_type": B.text(first, "psn_type", optional=True),
@@ -582,7 +630,101 @@ class Daemon:
         except B.BackendGarbage as exc:
             log.warning("backend answer unreadable", infno="1101", reason=str(exc))
             raise SSCardError("BACKEND_UNAVAILABLE", "unreadable answer") from None
-        return result
+
+    async def card_activate(self, certno: str, password: str, new_password: str | None) -> dict[str, Any]:
+        """Online activation (the backend's 9901): ID number and portal password, and the new
+        password the first activation needs. The card in the reader, if any, must be the person's."""
+        card_no = await self.current_card_no()
+        inp: dict[str, Any] = {"certno": certno, "password": password}
+        if new_password is not None:
+            inp["new_password"] = new_password
+        if card_no is not None:
+            inp["card_no"] = card_no
+        answer = await self._query(B.ACTIVATION_INFNO, inp)
+        out = answer.output
+        return {"psn_no": out.get("psn_no") if isinstance(out.get("psn_no"), str) else None,
+                "activated": out.get("activated") is True,
+                "already_activated": out.get("already_activated") is True,
+                "password_changed": out.get("password_changed") is True}
+
+    async def daemon_status(self) -> dict[str, Any]:
+        """Readers, card, PSAM, broker connection, journal backlog and pending reversals, version."""
+        counts = await self._j(self.journal.counts)
+        card: dict[str, Any]
+        try:
+            card = await self.card_status()
+        except SSCardError as exc:
+            card = {"error": exc.code}
+        return {"version": __version__, "terminal_id": self.terminal_id,
+                "institution": {"code": self.cfg.institution.code, "type": self.cfg.institution.type},
+                "readers": {"card": self._card_reader.name if self._card_reader else self.cfg.readers.card,
+                            "psam": self.psam_state.reader},
+                "psam": self.psam_state.to_json(), "card": card, "mqtt": self.link.status(),
+                "journal": {"counts": counts,
+                            "unfinished": sum(counts.get(str(st), 0)
+                                              for st in (State.RECEIVED, State.PRE_SETTLED, State.SENT)),
+                            "pending_reversals": counts.get("unknown", 0) + counts.get("reversing", 0),
+                            "reversals_refused": counts.get("reversal_refused", 0)},
+                "requests": dict(self.stats), "draining": self._draining}
+
+    async def daemon_reconcile(self, begin: str, end: str) -> dict[str, Any]:
+        """``sscardd reconcile`` through the daemon's own connection and journal."""
+        from sscardd.reconcile import reconcile
+
+        report = await reconcile(self.cfg, begin, end, journal=self.journal, link=self.link)
+        return report.to_json()
+
+    def add_event_listener(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        """``callback(event)`` for each reader/card event (``{"event", "reader", "at"}``)."""
+        self._listeners.append(callback)
+
+    def remove_event_listener(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(callback)
+
+    async def _recheck_psam(self) -> None:
+        """For reads that use the PSAM when there is one: look for it again if it was missing."""
+        if self.psam_state.state != "ok":
+            await self._check_psam()
+
+    # -- POS ops: the PIN sources of the MQTT API resolved, then the services -------------------
+
+    async def _pin_of(self, source: Any) -> str | None:
+        """A clear PIN from a POS PIN source (a block needs the card's SSN: the card is read)."""
+        if source is None or isinstance(source, KeypadPin):
+            return None
+        ssn = (await self._read_card(await self._session())).ssn if isinstance(source, BlockPin) else ""
+        return resolve_pin(source, key=self.cfg.pin.pin_block_key, ssn=ssn, policy=self.cfg.pin.policy())
+
+    async def _card_status(self, req: PosRequest) -> Mapping[str, Any]:
+        return await self.card_status()
+
+    async def _card_read_basic(self, req: PosRequest) -> Mapping[str, Any]:
+        return await self.read_basic()
+
+    async def _card_read(self, req: PosRequest) -> Mapping[str, Any]:
+        args = req.args
+        assert isinstance(args, CardReadArgs)
+        return await self.card_read(args.address, args.auth, await self._pin_of(args.pin))
+
+    async def _pin_verify(self, req: PosRequest) -> Mapping[str, Any]:
+        args = req.args
+        assert isinstance(args, PinVerifyArgs)
+        return await self.pin_verify(await self._pin_of(args.pin))
+
+    async def _pin_change(self, req: PosRequest) -> Mapping[str, Any]:
+        args = req.args
+        assert isinstance(args, PinChangeArgs)
+        ssn = ""
+        if args.pin.source == "block":
+            await self._recheck_psam()
+            ssn = (await self._read_card(await self._session())).ssn
+        pins = resolve_pin_change(args.pin, key=self.cfg.pin.pin_block_key, ssn=ssn,
+                                  policy=self.cfg.pin.policy())
+        return await self.pin_change(*(pins or (None, None, None)))
+
+    async def _account_query(self, req: PosRequest) -> Mapping[str, Any]:
+        return await self.account_query()
 
     # -- sale and void: the journaled ops --------------------------------------------------------
 
@@ -983,16 +1125,6 @@ class Daemon:
         log.error("ALARM: the backend refused a reversal; the card stays held until an operator resolves it",
                   row=entry.id, msgid=entry.msgid, err_code=code)
 
-    # -- status ----------------------------------------------------------------------------------
-
-    async def status(self) -> dict[str, Any]:
-        counts = await self._j(self.journal.counts)
-        return {"terminal_id": self.terminal_id, "psam": self.psam_state.to_json(),
-                "mqtt": self.link.status(),
-                "journal": {"counts": counts,
-                            "pending_reversals": counts.get("unknown", 0) + counts.get("reversing", 0)},
-                "requests": dict(self.stats)}
-
 
 # --- the journal lock and ``sscardd run`` --------------------------------------------------------
 
@@ -1024,12 +1156,13 @@ async def serve(cfg: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload)
     try:
         await daemon.run()
     except JournalInUse as exc:
         log.error("not started", reason=str(exc))
         return 1
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     return 1 if daemon.failed else 0

@@ -666,6 +666,35 @@ class CardSession:
 
         return await self._run(body)
 
+    async def settlement_records(self, pin: str | None) -> list[dict[str, Any]]:
+        """The chip's settlement log (DF04/EF08), newest first: ``seq``, ``txn_type``,
+        ``terminal``, ``time`` (``YYYY-MM-DD HH:MM:SS``) and the amounts ``account``,
+        ``self_pay``, ``fund`` in yuan (``"52.00"``). Reading it needs the PIN: ``pin`` from the
+        caller, or ``None`` for the reader's keypad. Records never written (all ``FF``, or all
+        ``00``) are left out. The card is reset afterwards."""
+        if pin is not None:
+            self.pin_policy.check_format(pin)
+
+        def body(ctx: _Op) -> list[dict[str, Any]]:
+            self._read_identity(ctx)
+            ef = _ef_spec(ctx.generation, "DF04", 0xEF08)
+            self._select_df(ctx, "DF04")
+            self._select_ef(ctx, ef.fid)
+            self._satisfy(ctx, ef.read, pin, "pin")
+            out = []
+            for n in range(1, ef.records + 1):  # record 1 is the newest of a cyclic file
+                r = ctx.ex.send(A.read_record(n, 0, A.REC_NUMBER, ef.record_size))
+                if r.sw == 0x6A83:
+                    break
+                if r.sw != SW_OK:
+                    raise _sw_error(r.sw, f"READ RECORD {n}")
+                if r.data in (b"\xff" * ef.record_size, bytes(ef.record_size)):
+                    continue
+                out.append(_txn_json(ef, r.data))
+            return out
+
+        return await self._run(body, reset_after=True)
+
     # -- sale --------------------------------------------------------------------------------
 
     async def authorise_sale(self, card_id: bytes, challenges: Sequence[tuple[bytes, bytes]], *,
@@ -754,6 +783,54 @@ class CardSession:
 
         await self._run(body, reset_after=True)
 
+    # -- service hall: PIN unblock / reload (PUK rights in the PSAM) ----------------------------
+
+    async def unblock_pin(self) -> None:
+        """PIN UNBLOCK (``84 24 00 00``, MAC only): resets the PIN try counter, the PIN stays.
+
+        Authorised by EXTERNAL AUTHENTICATE with PUK through the PSAM, after the card proved
+        genuine; the MAC is under the session key of STKSSSE and the card's last challenge. A
+        PSAM without PUK rights: PSAM_KEY_LEVEL, before the card's PUK counter is touched."""
+
+        def body(ctx: _Op) -> None:
+            self._pin_maintenance(ctx, 0x00, None)
+
+        await self._run(body, reset_after=True)
+
+    async def reload_pin(self, new_pin: str) -> None:
+        """PIN RELOAD (``84 24 00 01``): sets the PIN to ``new_pin`` (and resets its try
+        counter) with ``enc(LD ‖ PIN_BCD) ‖ MAC``, authorised like :meth:`unblock_pin`. The new
+        PIN follows the PIN policy (PIN_LENGTH) and may not be an initial PIN (PIN_TO_INITIAL);
+        both are checked before the card is touched."""
+        self.pin_policy.check_format(new_pin)
+        if new_pin in self.pin_policy.initial_pins:
+            raise SSCardError("PIN_TO_INITIAL")
+
+        def body(ctx: _Op) -> None:
+            self._pin_maintenance(ctx, 0x01, crypto.reload_pin_block(new_pin))
+
+        await self._run(body, reset_after=True)
+
+    def _pin_maintenance(self, ctx: _Op, p2: int, pin_block: bytes | None) -> None:
+        """84 24 00 ``p2``: unblock (``pin_block`` None) or reload (card-spec §3.1, §4.4)."""
+        self._read_identity(ctx)  # NOT_SSCARD before NO_PSAM
+        psam = self._need_psam()
+        if pin_block is not None and len(pin_block) + 1 > ctx.alg.block_size:
+            # the reload carries one enciphered block (Lc 0C for 3DES, 14 for SM4)
+            raise SSCardError("PIN_LENGTH", f"a reloaded PIN fits one {ctx.alg.label} block")
+        self._select_df(ctx, "SSSE")
+        self._external_auth(ctx, "PUK", psam)  # internal authentication first
+        challenge = self._ok(ctx, A.get_challenge(8), "GET CHALLENGE")
+        what = "PIN UNBLOCK" if pin_block is None else "PIN RELOAD"
+        header = bytes((A.PIN_UNBLOCK_RELOAD.cla, A.PIN_UNBLOCK_RELOAD.ins, 0x00, p2))
+        if pin_block is None:
+            data = psam.mac(ctx.ref, "STKSSSE", challenge, header + b"\x04")
+        else:
+            data = psam.encrypt_mac(ctx.ref, "STKSSSE", challenge, header, pin_block)
+        r = ctx.ex.send(header + bytes((len(data),)) + data)
+        if r.sw != SW_OK:
+            raise _sw_error(r.sw, what)
+
 
 def _raise_keypad(status: KeypadStatus, sw: int) -> None:
     if status in (KeypadStatus.OK, KeypadStatus.INITIAL_PIN) and sw != SW_OK:
@@ -797,6 +874,30 @@ class _RawItem(DataItem):
             # tag + length + value + 4-byte MAC must fit a short APDU's 255 data bytes
             raise FieldError("a free-form record value is up to 249 bytes")
         return value
+
+
+def _ef_spec(generation: int, df: str, fid: int) -> filesystem.EfSpec:
+    for ef in filesystem.ssse(generation).df(df).efs:
+        if ef.fid == fid:
+            return ef
+    raise KeyError(f"{df} has no {fid:04X}")
+
+
+def _yuan(fen: int) -> str:
+    return f"{fen // 100}.{fen % 100:02d}"
+
+
+def _txn_json(ef: filesystem.EfSpec, record: bytes) -> dict[str, Any]:
+    """A DF04/EF08 record as :meth:`CardSession.settlement_records` returns it."""
+    v = ef.decode_fixed(record)
+    txn_type, terminal, time = str(v["txn_type"]), str(v["terminal"]), str(v["time"])
+    if len(txn_type) != 1 or not txn_type.isprintable() or not _FORBIDDEN.isdisjoint(txn_type) \
+            or len(terminal) != 12 or len(time) != 14:
+        raise SSCardError("CARD_GARBAGE", "settlement record with a bad type, terminal or time")
+    when = dt.datetime.strptime(time, "%Y%m%d%H%M%S")  # ValueError: CARD_GARBAGE
+    return {"seq": int(v["seq"]), "txn_type": txn_type, "terminal": terminal,
+            "time": when.strftime("%Y-%m-%d %H:%M:%S"), "account": _yuan(int(v["account_fen"])),
+            "self_pay": _yuan(int(v["self_pay_fen"])), "fund": _yuan(int(v["fund_fen"]))}
 
 
 def _cyclic_text(ef: filesystem.EfSpec, record: bytes) -> str:
