@@ -308,3 +308,38 @@ async def test_two_daemons_cannot_share_a_journal(lab: SettleLab) -> None:
         second = Daemon(t.cfg, card_reader=t.card, psam_reader=t.psam)
         with pytest.raises(JournalInUse):
             await second.run()
+
+
+async def test_sighup_with_a_broken_config_keeps_the_running_one(lab: SettleLab, tmp_path: Path) -> None:
+    import signal
+
+    work = tmp_path / "hup"
+    work.mkdir()
+    card, psam = issue_images(work, ZHANG, terminal_id=A)
+    cfg_path = work / "sscardd.toml"
+    good = config_text(lab, A, work, card=f"emulated:{card}", psam=f"emulated:{psam}")
+    cfg_path.write_text(good)
+    daemon = DaemonProcess(cfg_path)
+    try:
+        daemon.start()
+        await asyncio.to_thread(daemon.wait_log, "broker connected")
+        assert daemon.proc is not None
+        cfg_path.write_text(good.replace("[pin]\n", "[pin]\nmin_len = 99\n"))
+        daemon.proc.send_signal(signal.SIGHUP)
+        await asyncio.to_thread(daemon.wait_log, "configuration not reloaded")
+        assert "pin.min_len" in daemon.log_text()
+        cfg_path.write_text(good.replace("backoff_min = 0.2", "backoff_min = 0.3"))
+        daemon.proc.send_signal(signal.SIGHUP)
+        await asyncio.to_thread(daemon.wait_log, "configuration reloaded")
+        assert "reversal.backoff_min" in daemon.log_text()
+        # still serving
+        reply_topic = f"sscard/v1/term/{A}/reply/hup"
+        async with lab.mosq.client(broker.pos_username(A)) as pos:
+            await pos.subscribe(reply_topic, qos=1)
+            await pos_send(lab, A, "card.status", {}, reply_topic, pos)
+            async with asyncio.timeout(10):
+                msg = await anext(pos.messages)
+            assert json.loads(msg.payload)["ok"]  # type: ignore[arg-type]
+        assert daemon.stop() == 0
+    finally:
+        daemon.stop()
