@@ -8,6 +8,13 @@ RECORD answer holds the ID number and name.
 
 from __future__ import annotations
 
+import asyncio
+import sys
+import threading
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
 import structlog
 
 from apdu_specs.redaction import (
@@ -24,7 +31,7 @@ from apdu_specs.redaction import (
 )
 
 __all__ = ["ID_KEYS", "NAME_KEYS", "REDACTED", "SECRET_KEYS", "apdu_summary", "apdu_trace", "configure",
-           "redact", "redact_exception_text", "redact_text", "response_summary"]
+           "install_exception_hooks", "redact", "redact_exception_text", "redact_text", "response_summary"]
 
 _apdu_log = structlog.get_logger("sscardd.apdu")
 
@@ -32,3 +39,37 @@ _apdu_log = structlog.get_logger("sscardd.apdu")
 def apdu_trace(label: str, capdu: bytes, rapdu: bytes) -> None:
     """The APDU trace hook (see :class:`sscardd.transport.Exchanger`)."""
     _apdu_log.debug("apdu", link=label, c=apdu_summary(capdu), r=response_summary(rapdu))
+
+
+_crash_log = structlog.get_logger("sscardd.crash")
+
+
+def _excepthook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, exc, tb)
+        return
+    _crash_log.critical("uncaught exception", exc_info=(kind, exc, tb))
+
+
+def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    _crash_log.error("uncaught exception in a thread", thread=getattr(args.thread, "name", None),
+                     exc_info=(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback))
+
+
+def _asyncio_handler(loop: asyncio.AbstractEventLoop, context: Mapping[str, Any]) -> None:
+    exc = context.get("exception")
+    # context["message"] and the task's repr may hold arguments: only their types are logged.
+    _crash_log.error("asyncio: unhandled error", what=str(context.get("message", ""))[:200],
+                     exc_info=(type(exc), exc, exc.__traceback__) if isinstance(exc, BaseException) else None)
+
+
+def install_exception_hooks(loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """Route uncaught exceptions (main thread, other threads, and the event loop's handler when
+    ``loop`` is given) through the redacting chain, so a traceback never prints a PIN, an ID
+    number or a name past it."""
+    sys.excepthook = _excepthook
+    threading.excepthook = _thread_excepthook
+    if loop is not None:
+        loop.set_exception_handler(_asyncio_handler)

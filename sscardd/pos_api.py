@@ -765,6 +765,8 @@ class Dispatcher:
                reason=rej.error.details.get("reason"), request_id=rej.request_id, size=len(payload))
             return Outcome(rej.reply_topic, None if rej.reply_topic is None else rej.reply(),
                            correlation_data, rej.request_id, None, rej.error.code)
+        # The caller runs each request in its own task: these tag every line it logs.
+        structlog.contextvars.bind_contextvars(request_id=req.id, op=req.op)
         handler = self._handlers.get(req.op)
         code = "OK"
         try:

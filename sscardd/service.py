@@ -55,6 +55,7 @@ from apdu_specs.identifiers import mask_name
 from sscardd import __version__
 from sscardd import backend as B
 from sscardd import config as config_mod
+from sscardd import log as log_mod
 from sscardd.config import Config
 from sscardd.errors import SSCardError
 from sscardd.journal import Amounts, Begun, CardOnHold, Entry, IdReused, IllegalTransition, Journal, State
@@ -196,8 +197,6 @@ class Daemon:
             self._journal.backoff_min = new.reversal.backoff_min
             self._journal.backoff_max = new.reversal.backoff_max
         if new.logging != old.logging:
-            from sscardd import log as log_mod
-
             log_mod.configure(new.logging.level, json=new.logging.json)
         for hook in self._reload_hooks:
             hook(new)
@@ -420,6 +419,8 @@ class Daemon:
     # -- MQTT ------------------------------------------------------------------------------------
 
     async def _on_command(self, cmd: Command) -> None:
+        # Each command runs in its own task: what is bound here tags every log line it causes.
+        structlog.contextvars.bind_contextvars(terminal_id=self.terminal_id, via="mqtt")
         if self._draining:
             # Not taken: the POS times out and sends it again to the restarted daemon.
             log.info("stopping: command not taken", size=len(cmd.payload))
@@ -751,6 +752,7 @@ class Daemon:
                 raise StoredReply(await self._stored_reply(begun.entry))
             row_id = begun.entry.id
             self._inflight_rows.add(row_id)
+            structlog.contextvars.bind_contextvars(row=row_id)
             try:
                 return await body(begun.entry)
             except SSCardError as err:
@@ -1154,6 +1156,7 @@ async def serve(cfg: Config) -> int:
 
     daemon = Daemon(cfg)
     loop = asyncio.get_running_loop()
+    log_mod.install_exception_hooks(loop)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop)
     loop.add_signal_handler(signal.SIGHUP, daemon.reload)
