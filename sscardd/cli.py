@@ -1,6 +1,7 @@
 """``sscardd``: the operator commands (the daemon itself comes with the settlement issue).
 
     sscardd readers [--json]
+    sscardd status [--socket PATH] [--json]
     sscardd read [--reader NAME] [--psam-reader NAME] [--json] [--address ADDR [--auth pin|key]]
     sscardd pin verify [--reader NAME] [--keypad | --pin-stdin]
     sscardd pin change [--reader NAME] [--keypad | --pin-stdin]
@@ -14,8 +15,14 @@ NAME is a PC/SC reader name (``Virtual PCD 00 00``), ``serial:/dev/ttyUSB0`` or
 taken from the command line (other users see it in ``ps``): the reader's keypad, a prompt, or
 standard input (one PIN per line).
 
+When the daemon runs (its kiosk socket exists: ``--socket``, ``$SSCARDD_SOCKET`` or
+``/run/sscardd/kiosk.sock``) and no ``--reader``/``--psam-reader`` is named, ``read`` and ``pin``
+go through the daemon's socket (it holds the reader); ``status`` always does (exit 3 when no
+daemon answers). ``sscardctl`` calls any socket method.
+
 Exit codes: 0 success, 1 a card/reader error (printed with its code and the reader-interface
-code), 2 bad usage. ``reconcile``: 0 the journal and the backend agree, 3 they differ (the
+code), 2 bad usage, 3 (``status``, and ``read``/``pin`` through the daemon) no daemon answers on
+its socket or it refuses this user. ``reconcile``: 0 the journal and the backend agree, 3 they differ (the
 differences are listed), 1 an error (its code), 2 bad usage or a bad config file (the key named).
 """
 
@@ -26,6 +33,7 @@ import asyncio
 import getpass
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,13 +42,14 @@ import structlog
 
 from sscardd import broker, log
 from sscardd.broker import DEFAULT_ITERATIONS, ProvisionError
-from sscardd.errors import SSCardError
+from sscardd.errors import KINDS, SSCardError
 from sscardd.psam import PsamClient
 from sscardd.readers import open_reader
 from sscardd.readers.base import Reader
 from sscardd.session import CardSession, PinPolicy
 
 log_ = structlog.get_logger("sscardd.cli")
+DEFAULT_SOCKET = "/run/sscardd/kiosk.sock"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,11 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("readers", help="list PC/SC readers and what they hold")
     r.add_argument("--json", action="store_true")
 
+    def socket_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--socket", metavar="PATH", default=None,
+                       help=f"the daemon's socket (default $SSCARDD_SOCKET or {DEFAULT_SOCKET})")
+
+    st = sub.add_parser("status", help="the running daemon's status (daemon.status on its socket)")
+    socket_arg(st)
+    st.add_argument("--json", action="store_true")
+
     def reader_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--reader", help="card reader (default: first PC/SC reader with a card)")
+        p.add_argument("--reader", help="card reader (default: the daemon's, else the first PC/SC reader "
+                                        "with a card)")
         p.add_argument("--psam-reader", help="PSAM reader (default: found automatically)")
         p.add_argument("--initial-pin", action="append", default=None,
                        help="the region's initial PIN(s) (default 123456)")
+        socket_arg(p)
 
     rd = sub.add_parser("read", help="iReadCardBas, or iReadCard with --address")
     reader_args(rd)
@@ -222,7 +241,73 @@ async def cmd_readers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _daemon_socket(args: argparse.Namespace, *, required: bool = False) -> str | None:
+    """The running daemon's socket, if one is there (and no reader was named)."""
+    if not required and (getattr(args, "reader", None) or getattr(args, "psam_reader", None)):
+        return None
+    path = getattr(args, "socket", None) or os.environ.get("SSCARDD_SOCKET") or DEFAULT_SOCKET
+    try:
+        return path if stat.S_ISSOCK(os.stat(path).st_mode) or required else None
+    except OSError:
+        return path if required else None
+
+
+def _daemon_call(path: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """One call on the daemon's socket: the result, or the daemon's named error as SSCardError."""
+    from sscardd.ctl import Broken, Client
+
+    try:
+        client = Client(path, 120.0)
+    except OSError as exc:
+        raise DaemonUnreachable(f"cannot reach the daemon at {path}: {exc.strerror or exc}") from None
+    try:
+        doc = client.call(method, params)
+    except Broken as exc:
+        raise DaemonUnreachable(str(exc)) from None
+    finally:
+        client.close()
+    if "result" in doc and isinstance(doc["result"], dict):
+        return doc["result"]
+    raw = doc.get("error")
+    err: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    data = err.get("data")
+    if isinstance(data, dict) and data.get("code") in KINDS:
+        details = {k: v for k, v in data.items() if k not in ("code", "compat_code", "message", "message_zh")}
+        if isinstance(details.get("sw"), str):  # to_dict() gives the status word in hex
+            details["sw"] = int(details["sw"], 16)
+        raise SSCardError(data["code"], **details)
+    raise DaemonUnreachable(f"the daemon refused: {err.get('message', 'no answer')}")
+
+
+class DaemonUnreachable(Exception):
+    """No daemon answered on the socket, or it refused this user (exit 3)."""
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    path = _daemon_socket(args, required=True)
+    assert path is not None
+    status = await asyncio.to_thread(_daemon_call, path, "daemon.status", {})
+    print(json.dumps(status, ensure_ascii=False, indent=1 if args.json else 2))
+    return 0
+
+
 async def cmd_read(args: argparse.Namespace) -> int:
+    path = _daemon_socket(args)
+    if path is not None:
+        if args.address:
+            params: dict[str, Any] = {"address": args.address, "auth": args.auth}
+            if args.auth == "pin":
+                params["pin"] = _read_pins(1, args.pin_stdin)[0]
+            res = await asyncio.to_thread(_daemon_call, path, "card.read", params)
+            out = res["value"]
+            print(json.dumps({"ok": True, "result": out}, ensure_ascii=False) if args.json else out)
+            return 0
+        res = await asyncio.to_thread(_daemon_call, path, "card.read_basic", {})
+        if args.json:
+            print(json.dumps({"ok": True, "result": res}, ensure_ascii=False, indent=1))
+        else:
+            print(res["compat"])
+        return 0
     session, opened = await _with_session(args)
     try:
         if args.address:
@@ -243,6 +328,17 @@ async def cmd_read(args: argparse.Namespace) -> int:
 
 
 async def cmd_pin(args: argparse.Namespace) -> int:
+    path = _daemon_socket(args)
+    if path is not None:
+        if args.action == "verify":
+            params = {} if args.keypad else {"pin": _read_pins(1, args.pin_stdin)[0]}
+            await asyncio.to_thread(_daemon_call, path, "pin.verify", params)
+        else:
+            given = [] if args.keypad else _read_pins(3, args.pin_stdin)
+            params = dict(zip(("old", "new", "new_again"), given, strict=False))
+            await asyncio.to_thread(_daemon_call, path, "pin.change", params)
+        print(f"PIN {'verified' if args.action == 'verify' else 'changed'}")
+        return 0
     session, opened = await _with_session(args)
     try:
         if args.action == "verify":
@@ -385,13 +481,16 @@ def main(argv: list[str] | None = None) -> int:
         return demo.main(args)
     level = ["WARNING", "INFO", "DEBUG"][min(args.verbose, 2)]
     log.configure(level, json=True if args.log_json else None)
-    handler = {"readers": cmd_readers, "read": cmd_read, "pin": cmd_pin,
+    handler = {"readers": cmd_readers, "status": cmd_status, "read": cmd_read, "pin": cmd_pin,
                "broker-provision": cmd_broker_provision, "reconcile": cmd_reconcile}[args.cmd]
     try:
         return asyncio.run(handler(args))
     except SSCardError as exc:
         _print_error(exc, getattr(args, "json", False))
         return 1
+    except DaemonUnreachable as exc:
+        print(f"sscardd: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         return 130
     except Exception:  # a bug: logged through the redacting chain, never printed raw

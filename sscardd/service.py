@@ -59,6 +59,7 @@ from sscardd import log as log_mod
 from sscardd.config import Config
 from sscardd.errors import SSCardError
 from sscardd.journal import Amounts, Begun, CardOnHold, Entry, IdReused, IllegalTransition, Journal, State
+from sscardd.kiosk import KioskError, KioskServer
 from sscardd.mqtt import AnswerTimeout, Command, DaemonLink, LateAnswer, LinkError
 from sscardd.pos_api import (
     BlockPin,
@@ -170,6 +171,8 @@ class Daemon:
         self._monitor: Any = None  # PcscMonitor, when PC/SC readers are watched
         self._picked_card_reader = False  # found on PC/SC (not configured): re-found after removal
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.kiosk: KioskServer | None = None  # the local socket, while it serves
+        self._kiosk_error: str | None = None
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -245,13 +248,16 @@ class Daemon:
             for t in (link_task, worker):
                 t.add_done_callback(self._supervise)
             self._start_monitor()
+            await self._start_kiosk()
             self.ready.set()
             log.info("daemon ready", terminal_id=self.terminal_id, psam=self.psam_state.state,
                      institution=self.cfg.institution.code, institution_type=self.cfg.institution.type)
             await self._stop.wait()
+            await self._close_kiosk()  # no new kiosk calls; the ones in flight finish first
             await self._drain()
         finally:
             self._draining = True
+            await self._close_kiosk()
             if self._monitor is not None:
                 await asyncio.to_thread(self._monitor.stop)
                 self._monitor = None
@@ -284,6 +290,27 @@ class Daemon:
                 self._journal = None
             lock.close()
             log.info("daemon stopped", terminal_id=self.terminal_id)
+
+    async def _start_kiosk(self) -> None:
+        """The local socket for kiosks and operators (``[kiosk]``). One that cannot be set up (the
+        path holds a file, another daemon listens there, no permission) is logged and reported in
+        ``daemon.status``; the daemon goes on serving the POS without it rather than exit."""
+        if not self.cfg.kiosk.enabled:
+            return
+        server = KioskServer(self, self.cfg.kiosk)
+        try:
+            await server.start()
+        except (KioskError, OSError) as exc:
+            self._kiosk_error = str(exc)
+            log.error("kiosk socket not started", path=str(self.cfg.kiosk.socket), error=str(exc))
+            return
+        self.kiosk = server
+        self._reload_hooks.append(lambda new: server.update_config(new.kiosk))
+
+    async def _close_kiosk(self) -> None:
+        server, self.kiosk = self.kiosk, None
+        if server is not None:
+            await server.close()
 
     async def _j(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """A journal call, off the event loop (each write is an fsync)."""
@@ -666,6 +693,8 @@ class Daemon:
                                               for st in (State.RECEIVED, State.PRE_SETTLED, State.SENT)),
                             "pending_reversals": counts.get("unknown", 0) + counts.get("reversing", 0),
                             "reversals_refused": counts.get("reversal_refused", 0)},
+                "kiosk": (self.kiosk.status() if self.kiosk is not None
+                          else {"listening": False, "error": self._kiosk_error}),
                 "requests": dict(self.stats), "draining": self._draining}
 
     async def daemon_reconcile(self, begin: str, end: str) -> dict[str, Any]:
