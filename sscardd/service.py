@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -61,6 +62,7 @@ from sscardd.errors import SSCardError
 from sscardd.journal import Amounts, Begun, CardOnHold, Entry, IdReused, IllegalTransition, Journal, State
 from sscardd.kiosk import KioskError, KioskServer
 from sscardd.mqtt import AnswerTimeout, Command, DaemonLink, LateAnswer, LinkError
+from sscardd.notify import Notifier, watchdog_loop
 from sscardd.pos_api import (
     BlockPin,
     CardReadArgs,
@@ -114,6 +116,10 @@ class PsamState:
         return {"state": self.state, "terminal_no": self.terminal_no, "reader": self.reader}
 
 
+def _link_changed(was_connected: bool, link: DaemonLink) -> bool:
+    return link.connected != was_connected
+
+
 def _amounts(setlinfo: Mapping[str, Any]) -> Amounts:
     """The four amounts of a 2102/2103 ``setlinfo``, which must add up."""
     a = Amounts(medfee_sumamt=B.fen(setlinfo, "medfee_sumamt"),
@@ -136,11 +142,13 @@ class Daemon:
     ``journal`` an already open journal (closed by its owner, not here)."""
 
     def __init__(self, cfg: Config, *, card_reader: Reader | None = None, psam_reader: Reader | None = None,
-                 journal: Journal | None = None, client_id: str | None = None) -> None:
+                 journal: Journal | None = None, client_id: str | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.cfg = cfg
         self.terminal_id = cfg.terminal.id
         self._card_reader = card_reader
         self._given_card_reader = card_reader
+        self.notifier = notifier or Notifier()  # the service manager (sd_notify); a no-op by default
         self._psam_reader = psam_reader
         self._own_journal = journal is None
         self._journal = journal
@@ -189,6 +197,33 @@ class Daemon:
         """SIGHUP: take over what can change without a restart (logging, the PIN policy and
         PIN-block key, reversal backoff, the kiosk allow-lists and limits). A bad file is refused
         with a log line naming the key, and the running configuration stays."""
+        self.notifier.reloading("reloading the configuration")
+        try:
+            ok = self._reload()
+        finally:
+            self.notifier.ready(self.status_line())
+        return ok
+
+    def status_line(self) -> str:
+        """One line for ``systemctl status``: broker, PSAM, kiosk socket, reversals waiting."""
+        broker = "broker connected" if self.link.connected else \
+            f"broker DOWN ({self.link.last_error or 'connecting'})"
+        kiosk = "kiosk on" if self.kiosk is not None else ("kiosk off" if not self.cfg.kiosk.enabled
+                                                          else "kiosk FAILED")
+        return f"terminal {self.terminal_id}: {broker}; PSAM {self.psam_state.state}; {kiosk}"
+
+    async def _status_loop(self) -> None:
+        """STATUS= on every change of the broker connection (and at least once a minute)."""
+        last = ""
+        while True:
+            line = self.status_line()
+            if line != last:
+                self.notifier.status(line)
+                last = line
+            with contextlib.suppress(TimeoutError):
+                await self.link.wait_until(functools.partial(_link_changed, self.link.connected), 60.0)
+
+    def _reload(self) -> bool:
         try:
             new, restart = config_mod.reload(self.cfg)
         except config_mod.ConfigError as exc:
@@ -240,6 +275,7 @@ class Daemon:
             self._journal = await asyncio.to_thread(Journal.from_config, self.cfg.journal, self.cfg.reversal)
         link_task: asyncio.Task[None] | None = None
         worker: asyncio.Task[None] | None = None
+        side: list[asyncio.Task[None]] = []
         try:
             await self._resume()
             await self._check_psam()
@@ -249,14 +285,24 @@ class Daemon:
                 t.add_done_callback(self._supervise)
             self._start_monitor()
             await self._start_kiosk()
+            # READY once the journal is open and the readers looked at: the broker may come later
+            # (its state is in STATUS), and the kiosk works without it.
             self.ready.set()
+            self.notifier.ready(self.status_line())
+            for name, coro in (("watchdog", watchdog_loop(self.notifier, lambda: not self.failed)),
+                               ("status", self._status_loop())):
+                side.append(asyncio.create_task(coro, name=name))
             log.info("daemon ready", terminal_id=self.terminal_id, psam=self.psam_state.state,
                      institution=self.cfg.institution.code, institution_type=self.cfg.institution.type)
             await self._stop.wait()
+            self.notifier.stopping("stopping: finishing the settlements in flight")
             await self._close_kiosk()  # no new kiosk calls; the ones in flight finish first
             await self._drain()
         finally:
             self._draining = True
+            for t in side:
+                t.cancel()
+            await asyncio.gather(*side, return_exceptions=True)
             await self._close_kiosk()
             if self._monitor is not None:
                 await asyncio.to_thread(self._monitor.stop)
@@ -1183,7 +1229,7 @@ async def serve(cfg: Config) -> int:
     """Run the daemon until SIGTERM or SIGINT."""
     import signal
 
-    daemon = Daemon(cfg)
+    daemon = Daemon(cfg, notifier=Notifier.from_env(unset=True))
     loop = asyncio.get_running_loop()
     log_mod.install_exception_hooks(loop)
     for sig in (signal.SIGTERM, signal.SIGINT):
