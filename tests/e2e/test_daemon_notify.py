@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from firmware_sim.lab import start_process, stop_process
-from tests.daemon_lab import A, ZHANG, issue_images
+from tests.daemon_lab import ZHANG, A, issue_images
 from tests.mqtt_harness import free_port
 
 
