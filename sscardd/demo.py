@@ -13,16 +13,30 @@ Starts, in a temporary directory:
 - a social security card and two PSAMs issued with ``sscard-emu issue`` (the seed's holder 张三
   with the region's issuing PIN), in emulated readers;
 - one daemon per terminal, in this process (:class:`sscardd.service.Daemon`), each with its own
-  journal and its own AES key for ISO 9564-1 format 4 PIN blocks;
+  journal and its own AES key for ISO 9564-1 format 4 PIN blocks; the pharmacy's also serves the
+  local JSON-RPC 2.0 socket for self-service kiosks (:mod:`sscardd.kiosk`) at
+  ``pharmacy-kiosk.sock`` in the temporary directory, mode 0600 (root and the daemon's own user,
+  i.e. the demo, are always allowed);
 - a POS client per terminal (the provisioned POS account; requests with Response Topic and
   Correlation Data).
 
 Then it plays the main scenarios — the POS reads the card and the account, the holder replaces
 the issuing PIN, a pharmacy sale with the PIN, a wrong PIN, a refused sale containing daily goods,
-the card taken to the hospital for a sale without PIN, the void of the first sale — checks each
-outcome, prints the journals of both terminals, and stops everything it started (also on Ctrl-C
-or SIGTERM; the processes get SIGTERM from the kernel if the demo itself is killed). The
-transcript never shows a PIN or a PIN block, nor a full ID number.
+the card taken to the hospital for a sale without PIN, the void of the first sale — and then the
+holder at the pharmacy's self-service kiosk, over the local socket (one JSON object a line): the
+card back in the pharmacy's reader, ``account.query`` (the balance after the void),
+``records.list`` with the PIN (the chip's settlement log: the pharmacy sale and the hospital's),
+``pin.change`` (old PIN, new PIN, new PIN again, in clear over the local socket only) and
+``pin.verify`` with the new PIN. It checks each outcome, prints the journals of both terminals,
+and stops everything it started (also on Ctrl-C or SIGTERM; the processes get SIGTERM from the
+kernel if the demo itself is killed). The transcript never shows a PIN or a PIN block, nor a full
+ID number.
+
+The card is one image file; each daemon's emulated reader holds its own copy of the chip, loaded
+from the file and written back to it as the card changes. The hospital's reader loads it when the
+card is first used there (after the pharmacy's reader gave it up); putting the card back into the
+pharmacy's reader loads the file again, as the hospital left it. The hospital's copy is not used
+after that.
 
 Exit status: 0 every step gave the expected outcome, 1 a step did not (or a part failed to start),
 2 the demo cannot run here (no mosquitto, no dynamic-security plugin, no seed file), 130/143
@@ -76,6 +90,7 @@ BACKEND = "backend-1"
 INITIAL_PIN = "123456"  # what `sscard-emu issue` personalises, and the daemons' initial_pins
 HOLDER_PIN = "246810"  # the holder's own PIN, set in the demo
 WRONG_PIN = "975310"
+KIOSK_PIN = "135790"  # the holder's next PIN, set at the pharmacy's kiosk
 OPERATOR = {"id": "0001", "name": "王药师"}
 MEDICINES = [{"code": "A0001", "qty": 2, "price": "12.50"}, {"code": "B0001", "qty": 1, "price": "30.00"},
              {"code": "C0001", "qty": 1, "price": "8.00"}]
@@ -85,6 +100,9 @@ AT_HOSPITAL = [{"code": "A0001", "qty": 1, "price": "12.50"}]
 PIN_BLOCK_SHOWN = "PIN block (ISO 9564-1 format 4)"
 START_TIMEOUT = 15.0
 REQUEST_TIMEOUT = 20.0
+KIOSK_MODE = 0o600  # the kiosk socket: root and the daemon's own user (the demo's) only
+KIOSK_ANSWER_MAX = 1 << 20  # the longest answer line the demo's kiosk client reads
+CLEAR_PINS = "clear, over the local socket only"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -258,6 +276,61 @@ class Pos:
 
 
 @dataclass
+class Kiosk:
+    """A self-service kiosk on a daemon's local socket (:mod:`sscardd.kiosk`): JSON-RPC 2.0, one
+    JSON object a line each way, requests answered in order on one connection."""
+
+    path: Path
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    seq: int = 0
+
+    @classmethod
+    async def connect(cls, path: Path) -> Kiosk:
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                reader, writer = await asyncio.open_unix_connection(str(path), limit=KIOSK_ANSWER_MAX)
+        except TimeoutError:
+            raise DemoError(f"the kiosk socket {path}: no connection within {REQUEST_TIMEOUT:.0f} s"
+                            ) from None
+        except OSError as exc:
+            raise DemoError(f"the kiosk socket {path}: {exc.strerror or exc}") from None
+        return cls(path, reader, writer)
+
+    async def call(self, method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Send ``method`` and return its answer (with ``result`` or ``error``). ``params`` may hold
+        PINs: they go over the socket only, never into a message of the demo's own."""
+        self.seq += 1
+        rid = f"demo-kiosk-{self.seq}"
+        line = json.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": dict(params)},
+                          ensure_ascii=False).encode() + b"\n"
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                self.writer.write(line)
+                await self.writer.drain()
+                while True:
+                    raw = await self.reader.readline()
+                    if not raw.endswith(b"\n"):
+                        raise DemoError(f"kiosk: the daemon closed the connection before answering {method}")
+                    doc = json.loads(raw)
+                    if isinstance(doc, dict) and "method" in doc and "id" not in doc:
+                        continue  # a notification (events): not ours to answer
+                    if not isinstance(doc, dict) or doc.get("id") != rid or \
+                            ("result" in doc) == ("error" in doc):
+                        raise DemoError(f"kiosk: an answer to {method} that is not a JSON-RPC answer to it")
+                    return doc
+        except TimeoutError:
+            raise DemoError(f"kiosk: no answer to {method} within {REQUEST_TIMEOUT:.0f} s") from None
+        except (OSError, ValueError) as exc:  # the connection broke; not JSON; a line over the limit
+            raise DemoError(f"kiosk: {method}: {type(exc).__name__}") from None
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+
+
+@dataclass
 class Terminal:
     """A running daemon of the demo and what the POS needs to know of it."""
 
@@ -282,6 +355,7 @@ class Demo:
         self.terminals: dict[str, Terminal] = {}
         self.pos: dict[str, Pos] = {}
         self.pharmacy_card: EmulatedReader | None = None
+        self.kiosk_socket = workdir / "pharmacy-kiosk.sock"
 
     # -- checks
 
@@ -310,6 +384,10 @@ class Demo:
         except OSError as exc:
             raise DemoUnavailable(f"the demo data {SEED}: {exc.strerror} (run it from a source checkout)"
                                   ) from None
+        if len(os.fsencode(self.kiosk_socket)) > config.MAX_UNIX_PATH_BYTES:
+            raise DemoUnavailable(f"the kiosk socket's path {self.kiosk_socket} is longer than a Unix "
+                                  f"socket's {config.MAX_UNIX_PATH_BYTES} bytes (set TMPDIR to a shorter "
+                                  "directory)")
         return exe, plugin
 
     def _issue(self, *args: str) -> None:
@@ -393,9 +471,12 @@ class Demo:
             await asyncio.sleep(0.05)
         return child
 
-    def _config_text(self, site: Site, key_file: Path, *, card: str = "") -> str:
+    def _config_text(self, site: Site, key_file: Path, *, card: str = "", kiosk: Path | None = None) -> str:
         user = broker.daemon_username(site.terminal_id)
         password_file = _secret_file(self.workdir / f"{user}.password", self.passwords[user])
+        # The kiosk socket: mode 0600, so only root and this process's user (always allowed) connect.
+        kiosk_table = "enabled = false" if kiosk is None else \
+            f'enabled = true\nsocket = "{kiosk}"\nmode = "{KIOSK_MODE:04o}"'
         return f"""
 [terminal]
 id = "{site.terminal_id}"
@@ -424,15 +505,15 @@ enabled = false
 [journal]
 path = "{self.workdir / f'journal-{site.terminal_id}.sqlite3'}"
 [kiosk]
-enabled = false
+{kiosk_table}
 """
 
-    async def start_terminal(self, site: Site, psam_image: Path, *,
-                             card_reader: EmulatedReader | None, card: str = "") -> Terminal:
+    async def start_terminal(self, site: Site, psam_image: Path, *, card_reader: EmulatedReader | None,
+                             card: str = "", kiosk: Path | None = None) -> Terminal:
         pin_key = secrets.token_bytes(16)
         key_file = _secret_file(self.workdir / f"pin-block-{site.terminal_id}.key", pin_key.hex())
         source = str(self.workdir / f"sscardd-{site.terminal_id}.toml")
-        cfg = config.parse(self._config_text(site, key_file, card=card), source)
+        cfg = config.parse(self._config_text(site, key_file, card=card, kiosk=kiosk), source)
         daemon = Daemon(cfg, card_reader=card_reader, psam_reader=EmulatedReader.from_image(psam_image))
         task = asyncio.create_task(daemon.run(), name=f"daemon-{site.terminal_id}")
         term = Terminal(site, daemon, task, pin_key)
@@ -453,6 +534,8 @@ enabled = false
                             f"{daemon.link.last_error}") from None
         if daemon.psam_state.state != "ok":
             raise DemoError(f"the {site.label} daemon sees no usable PSAM ({daemon.psam_state.state})")
+        if kiosk is not None and daemon.kiosk is None:  # the daemon logged why
+            raise DemoError(f"the {site.label} daemon's kiosk socket {kiosk} did not start")
         return term
 
     async def start_pos(self, site: Site, stack: contextlib.AsyncExitStack) -> Pos:
@@ -489,7 +572,8 @@ enabled = false
                 mosquitto = await self.start_broker(exe, plugin)
                 backend = await self.start_backend()
                 self.pharmacy_card = EmulatedReader.from_image(self.card_image)
-                await self.start_terminal(pharmacy, psam_images["pharmacy"], card_reader=self.pharmacy_card)
+                await self.start_terminal(pharmacy, psam_images["pharmacy"], card_reader=self.pharmacy_card,
+                                          kiosk=self.kiosk_socket)
                 # The hospital opens the card image only when the card is put into its reader.
                 await self.start_terminal(hospital, psam_images["hospital"], card_reader=None,
                                           card=f"emulated:{self.card_image}")
@@ -516,10 +600,12 @@ enabled = false
             rule = "PIN required" if self.terminals[s.label].daemon.cfg.requires_pin() else "no PIN required"
             say(f"  {s.label:<15} terminal {s.terminal_id} {s.name} ({s.type}: {rule}); daemon in this "
                 "process, emulated PSAM, own journal and PIN-block key")
+        say(f"  kiosk           the pharmacy daemon's local socket {self.kiosk_socket} (JSON-RPC 2.0, one "
+            f"JSON object a line; mode {KIOSK_MODE:04o}: root and the daemon's own user)")
         say("  card            the seed's holder, issued with the region's initial PIN, in the pharmacy's "
             "reader")
-        say("  PINs go to the daemons only as ISO 9564-1 format 4 PIN blocks; this transcript never shows "
-            "a PIN or a PIN block.")
+        say("  PINs go to the daemons over MQTT only as ISO 9564-1 format 4 PIN blocks, in clear only to the "
+            "kiosk over the local socket; this transcript never shows a PIN or a PIN block.")
 
     def step(self, n: int, site: Site, op: str, what: str) -> None:
         say()
@@ -649,6 +735,98 @@ enabled = false
         self.expect(r["ok"] and r["result"]["acct_pay"] == first["acct_pay"]
                     and (before is None or fen(r["result"]["balc"]) == before + fen(first["acct_pay"])),
                     f"the account gets its {first['acct_pay']} back")
+        after_void = fen(r["result"]["balc"]) if r["ok"] else None
+
+        say()
+        say("    (the holder takes the card out of the hospital's reader and comes back to the pharmacy's")
+        say("     self-service kiosk: the card goes into the pharmacy's reader again, the reader of the")
+        say("     pharmacy daemon, whose local socket the kiosk uses)")
+        self.card_back_to_pharmacy()
+        kiosk = await Kiosk.connect(self.kiosk_socket)
+        try:
+            await self.play_kiosk(kiosk, ph, str(info["card_no"]), first, second, after_void)
+        finally:
+            await kiosk.close()
+
+    def card_back_to_pharmacy(self) -> None:
+        """Put the card into the pharmacy's reader again. Each daemon's emulated reader holds its own
+        copy of the chip, loaded from the one image file and written back to it as the card changes:
+        the pharmacy's reader loads the image again, as the hospital left it (its chip record); the
+        hospital's copy is not used again."""
+        assert self.pharmacy_card is not None
+        chip = EmulatedReader.from_image(self.card_image).card
+        with self.pharmacy_card.state_lock:
+            self.pharmacy_card.card = chip
+        self.pharmacy_card.insert()
+
+    def kiosk_answer(self, doc: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The ``result`` of a kiosk answer, or None after printing its error."""
+        result = doc.get("result")
+        if "error" not in doc and isinstance(result, dict):
+            return result
+        err = doc.get("error")
+        err = err if isinstance(err, dict) else {}
+        data = err.get("data")
+        if isinstance(data, dict) and "compat_code" in data:  # -32000: the named error, as on MQTT
+            say(f"    ← refused: {data.get('code')} ({data.get('compat_code')}) {data.get('message')} / "
+                f"{data.get('message_zh')}")
+            if "tries_left" in data:
+                say(f"      tries_left: {data['tries_left']}")
+        else:
+            say(f"    ← refused: JSON-RPC error {err.get('code')} {err.get('message')}")
+        return None
+
+    async def play_kiosk(self, kiosk: Kiosk, ph: Site, card_no: str, first: Mapping[str, Any],
+                         second: Mapping[str, Any] | None, after_void: int | None) -> None:
+        """The holder at the pharmacy's self-service kiosk: the local socket, not the POS."""
+        self.step(9, ph, "kiosk account.query", "the holder's own query over the pharmacy daemon's local "
+                  "socket (JSON-RPC 2.0): identity and personal account (1101)")
+        a = self.kiosk_answer(await kiosk.call("account.query", {}))
+        if a is not None:
+            say(f"    ← ok: card {a['card_no']}, {a['psn_name']}, card status {a['card_stas']}, "
+                f"balance {a['balc']}")
+        self.expect(a is not None and a["card_no"] == card_no
+                    and (after_void is None or fen(str(a["balc"])) == after_void),
+                    "the same card, the balance after the void")
+
+        self.step(10, ph, "kiosk records.list", f"the chip's settlement log (DF04/EF08); PIN: the holder's "
+                  f"({CLEAR_PINS})")
+        rl = self.kiosk_answer(await kiosk.call("records.list", {"pin": HOLDER_PIN}))
+        records: list[dict[str, Any]] = []
+        if rl is not None:
+            records = [rec for rec in rl.get("records") or [] if isinstance(rec, dict)]
+            say(f"    ← ok: {len(records)} record(s) on the chip, newest first "
+                "(seq: the terminal's journal row)")
+            for rec in records:
+                where = {PHARMACY: "pharmacy", HOSPITAL: "hospital"}.get(str(rec.get("terminal")), "?")
+                say(f"      {rec.get('time')} terminal {rec.get('terminal')} ({where}) seq {rec.get('seq')} "
+                    f"type {rec.get('txn_type')}: account {rec.get('account')}, "
+                    f"self-pay {rec.get('self_pay')}, fund {rec.get('fund')}")
+            say("      (the void of step 8 was booked by the backend without the card: the chip keeps "
+                "the sale)")
+
+        def on_chip(terminal: str, sale: Mapping[str, Any]) -> bool:
+            return any(rec.get("terminal") == terminal and rec.get("account") == sale["acct_pay"]
+                       and rec.get("self_pay") == sale["psn_cash_pay"]
+                       and rec.get("fund") == sale["fund_pay_sumamt"] for rec in records)
+
+        self.expect(rl is not None and on_chip(PHARMACY, first)
+                    and (second is None or on_chip(HOSPITAL, second)),
+                    f"the pharmacy sale of step 4 on the chip (account {first['acct_pay']}), and the "
+                    "hospital's")
+
+        self.step(11, ph, "kiosk pin.change", f"old PIN, new PIN, new PIN again ({CLEAR_PINS})")
+        ch = self.kiosk_answer(await kiosk.call("pin.change", {"old": HOLDER_PIN, "new": KIOSK_PIN,
+                                                              "new_again": KIOSK_PIN}))
+        if ch is not None:
+            say("    ← ok: PIN changed on the chip")
+        self.expect(ch == {"changed": True}, "PIN changed at the kiosk")
+
+        self.step(12, ph, "kiosk pin.verify", f"the new PIN ({CLEAR_PINS})")
+        v = self.kiosk_answer(await kiosk.call("pin.verify", {"pin": KIOSK_PIN}))
+        if v is not None:
+            say("    ← ok: the chip verified the PIN")
+        self.expect(v == {"verified": True}, "the new PIN verifies")
 
     async def show_journals(self) -> None:
         say()
