@@ -7,7 +7,9 @@
 #    Running:         pcscd libpcsclite-dev gcc python3-dev python3-venv swig (pyscard may
 #                     have to build from source: swig, gcc and the PC/SC headers), make
 #    Tests and labs:  vsmartcard-vpcd vsmartcard-vpicc opensc pcsc-tools mosquitto
-#                     mosquitto-clients
+#                     mosquitto-clients socat; systemd (systemd-analyze verify/security,
+#                     systemd-sysusers, systemd-tmpfiles check the units offline; no running
+#                     systemd needed) and procps (/bin/kill, the unit's ExecReload=)
 # 2. Creates .venv with Debian's /usr/bin/python3, so that the reference emulator vicc
 #    (python3-virtualsmartcard, outside sys.path) runs with the venv's python and pip's
 #    pycryptodome, and installs the project editable with its test extras. That step is re-run
@@ -20,7 +22,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # make: the project's entry points are make targets (a minimal Debian image lacks it).
 RUN_PKGS=(pcscd libpcsclite-dev gcc python3-dev python3-venv swig make)
-TEST_PKGS=(vsmartcard-vpcd vsmartcard-vpicc opensc pcsc-tools mosquitto mosquitto-clients)
+TEST_PKGS=(vsmartcard-vpcd vsmartcard-vpicc opensc pcsc-tools mosquitto mosquitto-clients socat systemd procps)
 PYTHON=/usr/bin/python3
 VENV=.venv
 STAMP="$VENV/.sscardd-setup.stamp"
