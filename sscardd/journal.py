@@ -880,6 +880,11 @@ class Journal:
                                  (card_no, *sorted(HOLD_STATES))).fetchone()
         return r is not None
 
+    def card_state(self, card_no: str) -> tuple[bool, list[Entry]]:
+        """:meth:`card_on_hold` and :meth:`pending_chip_records` in one call (one thread hop)."""
+        with self._lock:
+            return self.card_on_hold(card_no), self.pending_chip_records(card_no)
+
     def pending_chip_records(self, card_no: str) -> list[Entry]:
         """Settlements of ``card_no`` whose chip record is still to be written, oldest first."""
         return self._query("SELECT * FROM txn WHERE card_no = ? AND state = 'settled'"

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import math
 import random
@@ -166,18 +167,34 @@ def tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
     return ctx
 
 
+# paho builds two tables in every Properties() and scans every property name on each attribute set:
+# under load that was a quarter of the daemon's event-loop time (bench/bench_settle.py). A shallow
+# copy of one template shares the (read-only) tables, and the four values are checked here.
+_PUBLISH_TEMPLATE: Final = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+
+
 def publish_properties(*, response_topic: str | None = None, correlation: bytes | None = None,
-                   expiry: int | None = None, content_type: str | None = JSON_CONTENT_TYPE) -> Properties:
-    """MQTT 5 PUBLISH properties (Response Topic, Correlation Data, Message Expiry, content type)."""
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                       expiry: int | None = None, content_type: str | None = JSON_CONTENT_TYPE) -> Properties:
+    """MQTT 5 PUBLISH properties (Response Topic, Correlation Data, Message Expiry, content type);
+    packs exactly as paho's own attribute setting would (tests/test_mqtt_props.py)."""
+    props = copy.copy(_PUBLISH_TEMPLATE)
+    put = object.__setattr__
     if content_type is not None:
-        props.ContentType = content_type
+        if not isinstance(content_type, str):
+            raise TypeError("content_type must be a string")
+        put(props, "ContentType", content_type)
     if response_topic is not None:
-        props.ResponseTopic = response_topic
+        if not isinstance(response_topic, str):
+            raise TypeError("response_topic must be a string")
+        put(props, "ResponseTopic", response_topic)
     if correlation is not None:
-        props.CorrelationData = correlation
+        if not isinstance(correlation, bytes | bytearray):
+            raise TypeError("correlation must be bytes")
+        put(props, "CorrelationData", bytes(correlation))
     if expiry is not None:
-        props.MessageExpiryInterval = expiry
+        if isinstance(expiry, bool) or not isinstance(expiry, int) or not 0 <= expiry <= 0xFFFFFFFF:
+            raise ValueError("expiry must be 0..4294967295 seconds")
+        put(props, "MessageExpiryInterval", expiry)
     return props
 
 

@@ -86,6 +86,7 @@ from sscardd.session import BasicInfo, CardSession, TxnRecord
 log = structlog.get_logger("sscardd.service")
 
 T = TypeVar("T")
+ChipWrite = Literal["written", "other_card", "failed"]
 
 # 2601 results after which nothing of the original stays booked (README, "2601 reversal").
 REVERSAL_DONE: Final = frozenset({"reversed", "tombstoned", "already_reversed", "already_voided",
@@ -555,26 +556,24 @@ class Daemon:
     # -- shared card steps -----------------------------------------------------------------------
 
     async def _read_card(self, session: CardSession) -> BasicInfo:
+        return (await self._read_card_state(session))[0]
+
+    async def _read_card_state(self, session: CardSession) -> tuple[BasicInfo, bool]:
+        """The card read (``read_basic``), whether it is on hold, and the chip records still owed
+        to it written (best effort; logged)."""
         async with self._card_lock:
             info = await session.read_basic()
-        await self._flush_chip_records(session, info)
-        return info
-
-    async def _flush_chip_records(self, session: CardSession, info: BasicInfo) -> None:
-        """Write the chip records still owed to this card (best effort; logged)."""
-        try:
-            pending = await self._j(self.journal.pending_chip_records, info.card_no)
-        except Exception:  # the journal is checked elsewhere; never fail a read for this
-            return
+        on_hold, pending = await self._j(self.journal.card_state, info.card_no)
         for entry in pending:
             if entry.id in self._inflight_rows:
                 continue  # its own sale writes it
             if await self._write_chip_record(session, entry, info.card_id) == "failed":
                 break
+        return info, on_hold
 
     async def _write_chip_record(self, session: CardSession, entry: Entry, card_id: bytes,
-                                 reply: Mapping[str, Any] | None = None) -> Literal["written", "other_card",
-                                                                                    "failed"]:
+                                 reply: Mapping[str, Any] | None = None, *,
+                                 own: bool = False) -> ChipWrite:
         """Write a settled row's DF04/EF08 record on the card ``card_id`` (if it is that row's card)
         and mark it written, with ``reply`` as the stored reply. Under the card lock, re-checked
         there: two writers can never both write one record."""
@@ -586,8 +585,9 @@ class Daemon:
                                account_fen=int(data["account_fen"]), self_pay_fen=int(data["self_pay_fen"]),
                                fund_fen=int(data["fund_fen"]))
             async with self._card_lock:
-                current = await self._j(self.journal.get, entry.id)
-                if current.chip_record != "pending":
+                # The sale writing its own record needs no second look: nobody else writes a
+                # row that is in flight (_flush_chip_records skips those).
+                if not own and (await self._j(self.journal.get, entry.id)).chip_record != "pending":
                     return "written"
                 written = await session.record_settlement(record, card_id=card_id)
                 if written:
@@ -610,8 +610,8 @@ class Daemon:
             out = await session.status()
         card_no = out.get("card_no")
         if isinstance(card_no, str):
-            out["on_hold"] = await self._j(self.journal.card_on_hold, card_no)
-            out["pending_chip_records"] = len(await self._j(self.journal.pending_chip_records, card_no))
+            on_hold, pending = await self._j(self.journal.card_state, card_no)
+            out["on_hold"], out["pending_chip_records"] = on_hold, len(pending)
         out["psam"] = self.psam_state.state
         return out
 
@@ -895,10 +895,10 @@ class Daemon:
         cfg = self.cfg
         total = format_money(args.total_fen)
         session = await self._session()
-        info = await self._read_card(session)
+        info, on_hold = await self._read_card_state(session)
         if info.expired():
             raise SSCardError("CARD_EXPIRED")
-        if await self._j(self.journal.card_on_hold, info.card_no):
+        if on_hold:
             raise SSCardError("CARD_ON_HOLD")
 
         # The PIN, by this institution's policy.
@@ -986,7 +986,8 @@ class Daemon:
                                 mdtrt_id=receipt.get("mdtrt_id"), setl_time=receipt.get("setl_time"),
                                 insutype=receipt.get("insutype"), chip_data=chip, reply=ok_reply_doc(result))
         written = {**result, "chip_record": "written"}
-        if await self._write_chip_record(session, settled, info.card_id, ok_reply_doc(written)) == "written":
+        if await self._write_chip_record(session, settled, info.card_id, ok_reply_doc(written),
+                                         own=True) == "written":
             result = written
         log.info("sale settled", row=entry.id, msgid=m2102, setl_id=setl_id, total=total,
                  chip_record=result["chip_record"])
