@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import copy
 import json
 import os
 import random
@@ -43,6 +44,7 @@ CONTROL_FILTER = "$share/settle-ctl/" + CONTROL_TOPIC
 CONTROL_REPLY_PREFIX = "sscard/v1/settle/ctl/resp/"
 MAX_IN_FLIGHT = 256
 HOLD_POLL_S = 0.01
+_ANSWER_PROPERTIES = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
 # An answer whose connection was lost waits this long for the next one (the request's own expiry
 # is long past by then for any sane configuration; the daemon then reverses).
 ANSWER_RECONNECT_WAIT_S = 10.0
@@ -276,12 +278,15 @@ class Backend:
 
     async def _publish(self, client: aiomqtt.Client, topic: str, body: bytes, correlation: bytes | None,
                        *, replayed: bool) -> None:
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        # A shallow copy of one template, values set past paho's setters: paho builds two tables
+        # per Properties() and scans every property name per set, a good part of the answer path.
+        props = copy.copy(_ANSWER_PROPERTIES)
+        put = object.__setattr__
         if correlation is not None:
-            props.CorrelationData = correlation
-        props.UserProperty = [("sscard-backend", self.instance),
-                              ("sscard-replayed", "1" if replayed else "0")]
-        props.ContentType = "application/json"
+            put(props, "CorrelationData", bytes(correlation))
+        put(props, "UserProperty", [("sscard-backend", self.instance),
+                                    ("sscard-replayed", "1" if replayed else "0")])
+        put(props, "ContentType", "application/json")
         current = self._live or client
         for attempt in range(2):
             try:
