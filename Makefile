@@ -28,9 +28,11 @@ lint: setup
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/mypy
 
-# A benchmark, not a test: prints ratios against the floor card and vicc (see bench/bench_vpcd.py).
+# Benchmarks, not tests: vpcd against the floor card and vicc (bench/bench_vpcd.py), then sales
+# against bare MQTT round trips, commits and APDUs (bench/bench_settle.py).
 bench: setup
 	$(PY) bench/bench_vpcd.py $(BENCH_ARGS)
+	$(PY) bench/bench_settle.py
 
 # The emulated card and PSAM through a real pcscd (where none can run it says why, exit 2, and
 # the demo goes on), then the settlement path: broker, backend, two daemons (sscardd demo).
