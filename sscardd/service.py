@@ -42,6 +42,7 @@ import contextlib
 import fcntl
 import functools
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -115,6 +116,11 @@ class PsamState:
 
     def to_json(self) -> dict[str, Any]:
         return {"state": self.state, "terminal_no": self.terminal_no, "reader": self.reader}
+
+
+def _apdu_trace() -> Callable[[str, bytes, bytes], None] | None:
+    """The APDU trace hook at DEBUG (it formats every APDU: not paid for otherwise)."""
+    return log_mod.apdu_trace if logging.getLogger().isEnabledFor(logging.DEBUG) else None
 
 
 def _link_changed(was_connected: bool, link: DaemonLink) -> bool:
@@ -371,7 +377,7 @@ class Daemon:
         try:
             if self._psam is None:
                 if self._psam_reader is not None:
-                    self._psam = PsamClient(self._psam_reader)
+                    self._psam = PsamClient(self._psam_reader, trace=_apdu_trace())
                 else:
                     exclude = [self._card_reader.name] if self._card_reader is not None else []
                     self._psam = await find_psam(self.cfg.readers.psam, exclude=exclude)
@@ -414,7 +420,7 @@ class Daemon:
                 self._picked_card_reader = self.cfg.readers.card is None
         psam = self._psam if self.psam_state.state == "ok" else None
         return CardSession(self._card_reader, psam, pin_policy=self.cfg.pin.policy(),
-                           device_no=self.cfg.terminal.device_no)
+                           device_no=self.cfg.terminal.device_no, trace=_apdu_trace())
 
     # -- reader events ---------------------------------------------------------------------------
 

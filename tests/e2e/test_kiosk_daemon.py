@@ -29,7 +29,7 @@ import pytest
 from apdu_specs.psam import SERVICE_HALL_KEYS
 from firmware_sim.personalise import issue_psam
 from firmware_sim.store import TearSafeStore
-from sscardd import kiosk, service
+from sscardd import kiosk
 from sscardd.config import KioskConfig, KioskLimits
 from sscardd.kiosk import KioskServer
 from sscardd.readers.base import ReaderEvent, ReaderEventKind
@@ -274,11 +274,6 @@ async def test_sscardctl_and_socat_against_the_daemon(lab: SettleLab, sockdir: P
         assert docs[1]["result"]["balc"] == lab.balance(ZHANG.ssn)
 
 
-_WIRED = "KioskServer" in Path(service.__file__).read_text(encoding="utf-8")
-
-
-@pytest.mark.skipif(not _WIRED, reason="sscardd.service does not start the kiosk socket yet (see the report "
-                                       "of the kiosk change: Daemon.run needs the KioskServer wiring)")
 async def test_sscardd_run_serves_the_socket_as_configured(lab: SettleLab, sockdir: Path) -> None:
     work = sockdir / "proc"
     work.mkdir()
