@@ -559,7 +559,8 @@ class SocialSecurityCard(Cos):
                 new = crypto.decrypt(self.alg, sk, body)
             except crypto.CryptoError:
                 raise _fail(SW.WRONG_DATA) from None
-            if not _valid_pin_bcd(new) or len(crypto.bcd_to_pin(new)) < 4:
+            # As CHANGE PIN: at most 8 BCD bytes, or VERIFY could never present the new PIN.
+            if not _valid_pin_bcd(new) or len(crypto.bcd_to_pin(new)) < 4 or len(new) > 8:
                 raise _fail(SW.WRONG_DATA)
             self.image.pin.set(new)
         else:
