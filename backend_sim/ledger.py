@@ -850,7 +850,7 @@ class Ledger:
     def _diffs(details: object, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not isinstance(details, list) or len(details) > 10_000:
             raise Refusal("BAD_INPUT", "details must be a list of the terminal's settlements")
-        keys = ("setl_id", "medfee_sumamt", "fund_pay_sumamt", "acct_pay", "refd_setl_flag")
+        keys = ("setl_id", "medfee_sumamt", "fund_pay_sumamt", "acct_pay", "psn_cash_pay", "refd_setl_flag")
         theirs: dict[str, dict[str, Any]] = {}
         for i, d in enumerate(details):
             if not isinstance(d, dict) or not isinstance(d.get("msgid"), str):
