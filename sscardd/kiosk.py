@@ -492,6 +492,10 @@ class Peer:
         return cls(uid, gid, pid, frozenset(groups))
 
 
+MAX_LINGERING_REFUSALS = 16  # refused connections waiting to close gracefully at once
+PRUNE_AT = 1024  # keys in the attempt limiter before expired ones are dropped
+
+
 class AttemptLimiter:
     """Sliding-window counters of PIN attempts, by key (``("client", uid)``, ``("card", card_no)``)."""
 
@@ -519,6 +523,15 @@ class AttemptLimiter:
 
     def record(self, key: tuple[str, Any], window: float) -> None:
         self._window(key, window).append(self._clock())
+        if len(self._hits) > PRUNE_AT:
+            self.prune(window)
+
+    def prune(self, window: float) -> None:
+        """Forget keys with no attempt inside ``window`` (every card that ever tried a PIN would
+        otherwise stay in memory)."""
+        cutoff = self._clock() - window
+        for key in [k for k, hits in self._hits.items() if not hits or hits[-1] <= cutoff]:
+            del self._hits[key]
 
 
 class LineTooLong(Exception):
@@ -623,6 +636,8 @@ class KioskServer:
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
+        self._seq = 0
+        self._refusing = 0
 
     @property
     def config(self) -> KioskConfig:
@@ -634,8 +649,15 @@ class KioskServer:
 
     def update_config(self, cfg: KioskConfig) -> None:
         """Apply new allow-lists and limits (the socket's path, mode and group need a restart).
-        The lists apply to the next request of every open connection too."""
+        A connection whose peer is no longer allowed is closed at once (an event subscriber sends
+        no requests that could be checked); the others see the new lists at their next request."""
         self._cfg = cfg
+        for conn in list(self._conns):
+            if not self.is_allowed(conn.peer):
+                log.warning("kiosk peer no longer allowed: disconnected", uid=conn.peer.uid,
+                            pid=conn.peer.pid)
+                self._drop(conn)
+                conn.close()
 
     def status(self) -> dict[str, Any]:
         """For ``daemon.status``."""
@@ -788,14 +810,15 @@ class KioskServer:
             early = _Conn(reader, writer, peer)
             if not self.is_allowed(peer):
                 log.warning("kiosk peer not allowed", uid=peer.uid, gid=peer.gid, pid=peer.pid)
-                await early.send(error_response(None, RpcError(PEER_NOT_ALLOWED, "peer not allowed")))
-                await early.linger()
+                await self._refuse(early, RpcError(PEER_NOT_ALLOWED, "peer not allowed"))
                 return
-            if len(self._conns) >= self._cfg.limits.max_connections:
+            # Operators (and root, the daemon's user) are not counted: kiosk clients filling every
+            # slot must not lock the service hall out of daemon.status.
+            kiosk_conns = sum(1 for c in self._conns if not self.is_operator(c.peer))
+            if not self.is_operator(peer) and kiosk_conns >= self._cfg.limits.max_connections:
                 log.warning("kiosk connection refused: too many", uid=peer.uid, pid=peer.pid,
                             max_connections=self._cfg.limits.max_connections)
-                await early.send(error_response(None, RpcError(TOO_MANY_CONNECTIONS, "too many connections")))
-                await early.linger()
+                await self._refuse(early, RpcError(TOO_MANY_CONNECTIONS, "too many connections"))
                 return
             conn = early
             self._conns.add(conn)
@@ -811,6 +834,20 @@ class KioskServer:
             writer.close()
             if task is not None:
                 self._handlers.discard(task)
+
+    async def _refuse(self, conn: _Conn, err: RpcError) -> None:
+        """Answer a refused connection and close it. It lingers (so the client reads the answer,
+        not a reset) only while few refusals are pending: a flood of refused connections must
+        not pile up open descriptors."""
+        await conn.send(error_response(None, err))
+        if self._refusing >= MAX_LINGERING_REFUSALS:
+            conn.close()
+            return
+        self._refusing += 1
+        try:
+            await conn.linger()
+        finally:
+            self._refusing -= 1
 
     def _drop(self, conn: _Conn) -> None:
         self._conns.discard(conn)
@@ -903,6 +940,11 @@ class KioskServer:
                       conn: _Conn) -> bytes | RpcError:
         """Rate limits, the service call, the result encoded as JSON (or the error); logged."""
         outcome = "cancelled"  # only when close() gives up waiting for it
+        # This call runs in its own task: these tag every line the services log for it (never the
+        # client's id, which is free text).
+        self._seq += 1
+        structlog.contextvars.bind_contextvars(via="kiosk", op=method.name, kiosk_call=self._seq,
+                                               peer_uid=peer.uid, peer_pid=peer.pid)
         try:
             if method.pin_attempt(args):
                 await self._count_attempt(peer)
