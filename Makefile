@@ -94,7 +94,7 @@ install-venv:
 	echo "install: venv $$dest (python: $(INSTALL_PYTHON))"; \
 	$(INSTALL_PYTHON) -m venv "$$dest"; \
 	"$$dest/bin/python" -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
-		--upgrade "$$src[pcsc]"; \
+		--upgrade "$$src[pcsc,metrics]"; \
 	if [ -n '$(DESTDIR)' ]; then \
 		grep -rlIF --null "$$dest" "$$dest/bin" "$$dest/pyvenv.cfg" \
 			| xargs -0 -r sed -i "s|$$dest|$(PREFIX)|g"; \

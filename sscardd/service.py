@@ -58,6 +58,7 @@ from sscardd import __version__
 from sscardd import backend as B
 from sscardd import config as config_mod
 from sscardd import log as log_mod
+from sscardd import metrics as metrics_mod
 from sscardd.config import Config
 from sscardd.errors import SSCardError
 from sscardd.journal import Amounts, Begun, CardOnHold, Entry, IdReused, IllegalTransition, Journal, State
@@ -188,6 +189,8 @@ class Daemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.kiosk: KioskServer | None = None  # the local socket, while it serves
         self._kiosk_error: str | None = None
+        # [metrics] (sscardd.metrics): None when disabled. ConfigError without prometheus-client.
+        self.metrics: metrics_mod.Metrics | None = metrics_mod.Metrics.from_config(cfg.metrics)
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -292,6 +295,7 @@ class Daemon:
                 t.add_done_callback(self._supervise)
             self._start_monitor()
             await self._start_kiosk()
+            await self._start_metrics()  # metrics: before READY, so READY means it listens
             # READY once the journal is open and the readers looked at: the broker may come later
             # (its state is in STATUS), and the kiosk works without it.
             self.ready.set()
@@ -310,6 +314,8 @@ class Daemon:
             for t in side:
                 t.cancel()
             await asyncio.gather(*side, return_exceptions=True)
+            if self.metrics is not None:  # metrics: no more scrapes (they read the journal)
+                await self.metrics.close()
             await self._close_kiosk()
             if self._monitor is not None:
                 await asyncio.to_thread(self._monitor.stop)
@@ -364,6 +370,52 @@ class Daemon:
         server, self.kiosk = self.kiosk, None
         if server is not None:
             await server.close()
+
+    # -- metrics (sscardd.metrics; every hook elsewhere is guarded by `self.metrics is not None`) --
+
+    async def _start_metrics(self) -> None:
+        """The ``/metrics`` endpoint (``[metrics]``). One that cannot listen (the port is taken) is
+        logged; the daemon serves on without it, as without the kiosk socket."""
+        if self.metrics is None:
+            return
+        bind, port = self.cfg.metrics.bind, self.cfg.metrics.port
+        try:
+            await self.metrics.start(bind, port, refresh=self._metrics_refresh)
+        except OSError as exc:
+            log.error("metrics endpoint not started", bind=bind, port=port, error=str(exc))
+
+    async def _metrics_refresh(self) -> None:
+        """The gauges, read at each scrape."""
+        assert self.metrics is not None
+        counts = await self._j(self.journal.counts)
+        self.metrics.set_state(broker_connected=self.link.connected, psam_ok=self.psam_state.state == "ok",
+                               pending_reversals=counts.get("unknown", 0) + counts.get("reversing", 0),
+                               reversals_refused=counts.get("reversal_refused", 0))
+
+    async def _pin_counted(self, op: Awaitable[T]) -> T:
+        """Await a card operation that may check the PIN; its PIN failures are counted."""
+        try:
+            return await op
+        except SSCardError as exc:
+            if self.metrics is not None:
+                self.metrics.pin_failure(exc.code)
+            raise
+
+    async def _settlement_counted(self, op: Literal["sale", "sale.void"],
+                                  body: Awaitable[Mapping[str, Any]]) -> Mapping[str, Any]:
+        """Run a journaled sale's or void's body (a new request id only); its outcome is counted."""
+        if self.metrics is None:
+            return await body
+        try:
+            result = await body
+        except SSCardError as exc:
+            self.metrics.settlement(op, error=exc.code)
+            raise
+        except Exception:
+            self.metrics.settlement(op, error="INTERNAL_ERROR")
+            raise
+        self.metrics.settlement(op, preview=result.get("preview") is True)
+        return result
 
     async def _j(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """A journal call, off the event loop (each write is an fsync)."""
@@ -443,6 +495,8 @@ class Daemon:
 
     def _on_reader_event(self, event: ReaderEvent) -> None:
         kind = event.kind.value
+        if self.metrics is not None:
+            self.metrics.reader_event(event.kind)
         if event.kind is ReaderEventKind.CARD_REMOVED and self._picked_card_reader and \
                 self._card_reader is not None and self._card_reader.name == event.reader:
             self._picked_card_reader = False
@@ -501,13 +555,18 @@ class Daemon:
     async def _on_command(self, cmd: Command) -> None:
         # Each command runs in its own task: what is bound here tags every log line it causes.
         structlog.contextvars.bind_contextvars(terminal_id=self.terminal_id, via="mqtt")
+        if self.metrics is not None:
+            metrics_mod.VIA.set("mqtt")  # this task's PIN failures are the POS's
         if self._draining:
             # Not taken: the POS times out and sends it again to the restarted daemon.
             log.info("stopping: command not taken", size=len(cmd.payload))
             return
+        started = time.monotonic()
         outcome = await self.dispatcher.handle(cmd.payload, response_topic=cmd.response_topic,
                                                correlation_data=cmd.correlation_data)
         self.stats[outcome.code] = self.stats.get(outcome.code, 0) + 1
+        if self.metrics is not None:
+            self.metrics.pos_request(outcome.op, outcome.code, time.monotonic() - started)
         if outcome.code in ("NO_PSAM", "PSAM_KEY_LEVEL") and self.psam_state.state == "ok":
             self.psam_state = PsamState()  # pulled or swapped: looked at again before the next sale
         if outcome.topic is None or outcome.payload is None:
@@ -542,7 +601,12 @@ class Daemon:
         """Send one message and read its answer. AnswerTimeout, LinkError and BackendGarbage pass."""
         payload = B.envelope(infno, msg_id, inp, institution=self.cfg.institution,
                              expiry_s=self.link.message_expiry, opter=opter or self.terminal_id)
-        raw = await self.link.request(payload, timeout, ref=msg_id)
+        started = time.monotonic()
+        try:
+            raw = await self.link.request(payload, timeout, ref=msg_id)
+        finally:
+            if self.metrics is not None:
+                self.metrics.backend_request(infno, time.monotonic() - started)
         return B.parse_answer(raw, msg_id=msg_id, infno=infno)
 
     async def _query(self, infno: str, inp: Mapping[str, Any]) -> B.Answer:
@@ -642,21 +706,21 @@ class Daemon:
         await self._recheck_psam()
         session = await self._session()
         async with self._card_lock:
-            value = await session.read(address, pin=pin, auth=auth)
+            value = await self._pin_counted(session.read(address, pin=pin, auth=auth))
         return {"address": address, "value": value}
 
     async def pin_verify(self, pin: str | None) -> dict[str, Any]:
         """VERIFY on the chip (None: the keypad). An initial PIN is PIN_INITIAL."""
         session = await self._session()
         async with self._card_lock:
-            await session.verify_pin(pin)
+            await self._pin_counted(session.verify_pin(pin))
         return {"verified": True}
 
     async def pin_change(self, old: str | None, new: str | None, new_again: str | None) -> dict[str, Any]:
         """CHANGE PIN (all None: the keypad)."""
         session = await self._session()
         async with self._card_lock:
-            await session.change_pin(old, new, new_again)
+            await self._pin_counted(session.change_pin(old, new, new_again))
         return {"changed": True}
 
     async def records_list(self, pin: str | None) -> dict[str, Any]:
@@ -664,7 +728,7 @@ class Daemon:
         await self._recheck_psam()
         session = await self._session()
         async with self._card_lock:
-            records = await session.settlement_records(pin)
+            records = await self._pin_counted(session.settlement_records(pin))
         return {"records": records}
 
     async def pin_unblock(self) -> dict[str, Any]:
@@ -895,7 +959,9 @@ class Daemon:
     async def _sale(self, req: PosRequest) -> Mapping[str, Any]:
         args = req.args
         assert isinstance(args, SaleArgs)
-        return await self._journaled(req, lambda entry: self._run_sale(entry, args), preview=args.preview)
+        return await self._journaled(
+            req, lambda entry: self._settlement_counted("sale", self._run_sale(entry, args)),
+            preview=args.preview)
 
     async def _run_sale(self, entry: Entry, args: SaleArgs) -> Mapping[str, Any]:
         cfg = self.cfg
@@ -927,7 +993,8 @@ class Daemon:
         m2102 = B.msgid(cfg.institution.code, B.KIND_SETTLE, entry.id)
         challenges = [sale_auth.sale_challenge(m, total, self.terminal_id) for m in (m2101, m2102)]
         async with self._card_lock:
-            auth = await session.authorise_sale(info.card_id, challenges, pin=pin, keypad=keypad)
+            auth = await self._pin_counted(session.authorise_sale(info.card_id, challenges, pin=pin,
+                                                                  keypad=keypad))
 
         def sale_input(index: int) -> dict[str, Any]:
             return {
@@ -1081,8 +1148,9 @@ class Daemon:
         args = req.args
         assert isinstance(args, SaleVoidArgs)
         # A void needs no card and no PSAM (the broker authenticates the terminal).
-        return await self._journaled(req, lambda entry: self._run_void(entry, args),
-                                     orig_setl_id=args.setl_id, needs_psam=False)
+        return await self._journaled(
+            req, lambda entry: self._settlement_counted("sale.void", self._run_void(entry, args)),
+            orig_setl_id=args.setl_id, needs_psam=False)
 
     async def _run_void(self, entry: Entry, args: SaleVoidArgs) -> Mapping[str, Any]:
         m2103 = B.msgid(self.cfg.institution.code, B.KIND_SETTLE, entry.id)
@@ -1140,7 +1208,9 @@ class Daemon:
 
     async def _reverse_bounded(self, entry: Entry, sem: asyncio.Semaphore) -> None:
         async with sem:
-            await self._reverse(entry)
+            result = await self._reverse(entry)
+        if self.metrics is not None:
+            self.metrics.reversal(result)
 
     async def _reversal_worker(self) -> None:
         sem = asyncio.Semaphore(REVERSAL_CONCURRENCY)
@@ -1176,38 +1246,40 @@ class Daemon:
             if entry.state == State.SENT and entry.id not in self._inflight_rows and entry.updated_at < limit:
                 await self._unknown(entry.id, "sent, and no handler is waiting for the answer")
 
-    async def _reverse(self, entry: Entry) -> None:
+    async def _reverse(self, entry: Entry) -> metrics_mod.ReversalResult:
+        """One 2601 attempt for ``entry``: ``reversed``, ``refused`` (final) or ``retry`` (later)."""
         if not entry.msgid_2601 or not entry.msgid or not entry.infno:
             # Cannot happen through this module; never loop on it.
             log.error("ALARM: a row to reverse lacks its messages", row=entry.id)
             await self._j(self.journal.mark_reversing, entry.id)
             await self._j(self.journal.mark_reversal_refused, entry.id, code="NO_MESSAGES")
-            return
+            return "refused"
         await self._j(self.journal.mark_reversing, entry.id)
         try:
             answer = await self._ask("2601", entry.msgid_2601, {"omsgid": entry.msgid, "oinfno": entry.infno})
         except (AnswerTimeout, LinkError) as exc:
             log.info("reversal unanswered; retrying later", row=entry.id, error=type(exc).__name__)
-            return
+            return "retry"
         except B.BackendGarbage as exc:
             log.warning("reversal answer unreadable; retrying later", row=entry.id, reason=str(exc))
-            return
+            return "retry"
         if answer.ok:
             result = answer.output.get("result")
             if result in REVERSAL_DONE:
                 await self._j(self.journal.mark_reversed, entry.id, note=str(result))
                 log.info("reversed", row=entry.id, msgid=entry.msgid, result=result)
-            else:
-                log.warning("reversal answer has no known result; retrying later", row=entry.id)
-            return
+                return "reversed"
+            log.warning("reversal answer has no known result; retrying later", row=entry.id)
+            return "retry"
         if not answer.final:
             log.info("reversal not processed; retrying later", row=entry.id, err_code=answer.err_code)
-            return
+            return "retry"
         # A final refusal is stored under this 2601's msgid: retrying would get it again.
         code = answer.err_code or "BACKEND_REFUSED"
         await self._j(self.journal.mark_reversal_refused, entry.id, code=code, note=answer.err_msg or "")
         log.error("ALARM: the backend refused a reversal; the card stays held until an operator resolves it",
                   row=entry.id, msgid=entry.msgid, err_code=code)
+        return "refused"
 
 
 # --- the journal lock and ``sscardd run`` --------------------------------------------------------
@@ -1236,7 +1308,11 @@ async def serve(cfg: Config) -> int:
     """Run the daemon until SIGTERM or SIGINT."""
     import signal
 
-    daemon = Daemon(cfg, notifier=Notifier.from_env(unset=True))
+    try:
+        daemon = Daemon(cfg, notifier=Notifier.from_env(unset=True))
+    except config_mod.ConfigError as exc:  # metrics.enabled without prometheus-client
+        log.error("not started", reason=str(exc))
+        return 2  # as for a bad configuration (the unit does not restart on 2)
     loop = asyncio.get_running_loop()
     log_mod.install_exception_hooks(loop)
     for sig in (signal.SIGTERM, signal.SIGINT):
