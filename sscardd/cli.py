@@ -401,6 +401,11 @@ def config_path(arg: Path | None) -> Path:
 def cmd_run(args: argparse.Namespace) -> int:
     """``sscardd run``: exit 2 on a bad configuration (the key and the reason on stderr), 0 after
     SIGTERM/SIGINT."""
+    import signal
+
+    # A SIGHUP before the daemon's own handler is in place must not kill it (systemd counts a
+    # death by SIGHUP as clean and would not restart it).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from sscardd import config as config_mod
     from sscardd import service
 

@@ -60,8 +60,15 @@ def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
 
 def _asyncio_handler(loop: asyncio.AbstractEventLoop, context: Mapping[str, Any]) -> None:
     exc = context.get("exception")
-    # context["message"] and the task's repr may hold arguments: only their types are logged.
-    _crash_log.error("asyncio: unhandled error", what=str(context.get("message", ""))[:200],
+    # context["message"] and the task's repr may hold arguments: only the exception is logged.
+    what = type(exc).__name__ if exc is not None else "no exception"
+    _crash_log.error("asyncio: unhandled error", what=what,
+                     exc_info=(type(exc), exc, exc.__traceback__) if isinstance(exc, BaseException) else None)
+
+
+def _unraisable_hook(info: Any) -> None:
+    exc = getattr(info, "exc_value", None)
+    _crash_log.error("unraisable exception", what=type(getattr(info, "object", None)).__name__,
                      exc_info=(type(exc), exc, exc.__traceback__) if isinstance(exc, BaseException) else None)
 
 
@@ -71,5 +78,6 @@ def install_exception_hooks(loop: asyncio.AbstractEventLoop | None = None) -> No
     number or a name past it."""
     sys.excepthook = _excepthook
     threading.excepthook = _thread_excepthook
+    sys.unraisablehook = _unraisable_hook
     if loop is not None:
         loop.set_exception_handler(_asyncio_handler)

@@ -207,19 +207,26 @@ class Daemon:
         """SIGHUP: take over what can change without a restart (logging, the PIN policy and
         PIN-block key, reversal backoff, the kiosk allow-lists and limits). A bad file is refused
         with a log line naming the key, and the running configuration stays."""
+        if not self.ready.is_set() or self._stop.is_set():
+            # Before READY the configuration just read is the one in force; while stopping a
+            # reload has nothing left to change. Neither may tell the manager "ready" again.
+            log.info("SIGHUP ignored: not serving yet, or stopping")
+            return False
         self.notifier.reloading("reloading the configuration")
         try:
             ok = self._reload()
         finally:
             self.notifier.ready(self.status_line())
+        if not ok:
+            self.notifier.status(f"{self.status_line()}; configuration NOT reloaded (see the log)")
         return ok
 
     def status_line(self) -> str:
         """One line for ``systemctl status``: broker, PSAM, kiosk socket, reversals waiting."""
         broker = "broker connected" if self.link.connected else \
             f"broker DOWN ({self.link.last_error or 'connecting'})"
-        kiosk = "kiosk on" if self.kiosk is not None else ("kiosk off" if not self.cfg.kiosk.enabled
-                                                          else "kiosk FAILED")
+        kiosk = ("kiosk on" if self.kiosk is not None else "kiosk off" if not self.cfg.kiosk.enabled
+                 else "kiosk closed" if self._draining else "kiosk FAILED")
         return f"terminal {self.terminal_id}: {broker}; PSAM {self.psam_state.state}; {kiosk}"
 
     async def _status_loop(self) -> None:
@@ -307,8 +314,11 @@ class Daemon:
                      institution=self.cfg.institution.code, institution_type=self.cfg.institution.type)
             await self._stop.wait()
             self.notifier.stopping("stopping: finishing the settlements in flight")
-            await self._close_kiosk()  # no new kiosk calls; the ones in flight finish first
-            await self._drain()
+            # Both at once, each bounded by the answer timeout (the unit's TimeoutStopSec covers
+            # that plus the disconnect): no new MQTT commands from this moment, and the kiosk's
+            # calls in flight finish while the sales do.
+            self._draining = True
+            await asyncio.gather(self._close_kiosk(), self._drain())
         finally:
             self._draining = True
             for t in side:
@@ -369,7 +379,7 @@ class Daemon:
     async def _close_kiosk(self) -> None:
         server, self.kiosk = self.kiosk, None
         if server is not None:
-            await server.close()
+            await server.close(call_wait=self.cfg.mqtt.answer_timeout + 5.0)
 
     # -- metrics (sscardd.metrics; every hook elsewhere is guarded by `self.metrics is not None`) --
 
