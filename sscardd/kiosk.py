@@ -492,6 +492,7 @@ class Peer:
         return cls(uid, gid, pid, frozenset(groups))
 
 
+ANSWER_FLUSH = 2.0  # seconds close() gives finished calls' answers to go out
 MAX_LINGERING_REFUSALS = 16  # refused connections waiting to close gracefully at once
 PRUNE_AT = 1024  # keys in the attempt limiter before expired ones are dropped
 
@@ -550,6 +551,7 @@ class _Conn:
         self.lock = asyncio.Lock()
         self.closed = False
         self.requests = 0
+        self.busy = False  # a request of this connection is being answered
         self.events: asyncio.Queue[dict[str, Any]] | None = None
         self.listener: EventCallback | None = None
         self.event_task: asyncio.Task[None] | None = None
@@ -750,19 +752,17 @@ class KioskServer:
         self._socket_id = None
 
     async def close(self, call_wait: float = CLOSE_WAIT) -> None:
-        """Stop accepting, close every connection, let the service calls in flight finish (up to
-        ``call_wait`` seconds, then they are cancelled), remove the socket. Idempotent."""
+        """Stop accepting and remove the socket; close the idle connections; let the service
+        calls in flight finish (up to ``call_wait`` seconds, then they are cancelled) and deliver
+        their answers; then close the rest. Idempotent."""
         self._closing = True
         server, self._server = self._server, None
         if server is not None:
             server.close()
         self._unlink()
         for conn in list(self._conns):
-            conn.close()
-        for task in list(self._handlers):
-            task.cancel()
-        if self._handlers:
-            await asyncio.gather(*self._handlers, return_exceptions=True)
+            if not conn.busy:
+                conn.close()
         if self._calls:
             pending = list(self._calls)
             _done, still = await asyncio.wait(pending, timeout=call_wait)
@@ -771,6 +771,14 @@ class KioskServer:
             if still:
                 log.warning("kiosk calls still running at close: cancelled", count=len(still))
                 await asyncio.gather(*still, return_exceptions=True)
+        if self._handlers:  # the answers of the finished calls go out
+            _done, _late = await asyncio.wait(list(self._handlers), timeout=ANSWER_FLUSH)
+        for conn in list(self._conns):
+            conn.close()
+        for task in list(self._handlers):
+            task.cancel()
+        if self._handlers:
+            await asyncio.gather(*self._handlers, return_exceptions=True)
         if server is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(5.0):
@@ -879,10 +887,18 @@ class KioskServer:
                 return
             if not line.strip():
                 continue  # blank lines between requests are harmless
+            if self._closing:
+                return  # stopping: no new requests (a POS-style retry goes to the next daemon)
             conn.requests += 1
-            answer, close = await self._handle_line(conn, line)
+            conn.busy = True
+            try:
+                answer, close = await self._handle_line(conn, line)
+            finally:
+                conn.busy = False
             if answer is not None and not await conn.send(answer):
                 return
+            if self._closing:
+                return  # the answer of a call that was in flight at close() is out
             if conn.events is not None and conn.event_task is None and conn.listener is not None:
                 conn.event_task = asyncio.create_task(self._pump_events(conn), name="kiosk events")
             limit = self._cfg.limits.max_requests_per_connection

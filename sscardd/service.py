@@ -97,6 +97,7 @@ REVERSAL_IDLE_WAIT: Final = 30.0  # the worker looks at the journal at least thi
 REVERSAL_CONCURRENCY: Final = 8
 STALE_SENT_MARGIN: Final = 5.0  # a `sent` row nobody works on, this long past the answer timeout: unknown
 EVENT_CONNECT_WAIT: Final = 5.0
+STATUS_CARD_WAIT: Final = 2.0  # daemon.status gives up on a busy card after this long
 
 
 def error_reply_doc(err: SSCardError) -> dict[str, Any]:
@@ -806,9 +807,13 @@ class Daemon:
         counts = await self._j(self.journal.counts)
         card: dict[str, Any]
         try:
-            card = await self.card_status()
+            # The card may be busy for a while (a keypad entry at a kiosk): status does not wait.
+            async with asyncio.timeout(STATUS_CARD_WAIT):
+                card = await self.card_status()
         except SSCardError as exc:
             card = {"error": exc.code}
+        except TimeoutError:
+            card = {"busy": True}
         return {"version": __version__, "terminal_id": self.terminal_id,
                 "institution": {"code": self.cfg.institution.code, "type": self.cfg.institution.type},
                 "readers": {"card": self._card_reader.name if self._card_reader else self.cfg.readers.card,

@@ -870,6 +870,7 @@ async def test_close_waits_for_calls_in_flight(sockdir: Path) -> None:
             gate.set()
             await asyncio.wait_for(closing, 5)
             assert svc.completed == ["pin_verify"]  # ...but the card operation finished
+            assert "result" in await c.read()  # and its answer was delivered before the close
             assert await c.eof()
     finally:
         await server.close()
