@@ -1,5 +1,6 @@
-"""``sscardd``: the operator commands (the daemon itself comes with the settlement issue).
+"""``sscardd``: the daemon and the operator commands.
 
+    sscardd run [-c FILE]         (the daemon: sscardd.service)
     sscardd readers [--json]
     sscardd status [--socket PATH] [--json]
     sscardd read [--reader NAME] [--psam-reader NAME] [--json] [--address ADDR [--auth pin|key]]
