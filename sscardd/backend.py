@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Final
 
+from sscardd import jsonwire
 from sscardd.config import InstitutionConfig
 from sscardd.errors import SSCardError
 
@@ -112,21 +113,12 @@ class Answer:
         return SSCardError(code if code in PASS_THROUGH else "BACKEND_REFUSED", **details)
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError("duplicate key")  # which one counts would be the parser's guess
-        out[k] = v
-    return out
-
-
 def parse_answer(payload: bytes, *, msg_id: str, infno: str) -> Answer:
     """The answer to message ``msg_id``/``infno``, or :class:`BackendGarbage`."""
     try:
-        doc = json.loads(payload.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+        doc = jsonwire.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
-        raise BackendGarbage("not UTF-8 JSON without duplicate keys") from None
+        raise BackendGarbage("not strict UTF-8 JSON (duplicate keys, NaN)") from None
     if not isinstance(doc, dict):
         raise BackendGarbage("not a JSON object")
     if doc.get("msgid") != msg_id or doc.get("infno") != infno:

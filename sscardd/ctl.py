@@ -44,7 +44,8 @@ import sys
 from typing import IO, Any, NoReturn
 
 from sscardd import __version__
-from sscardd.kiosk import KIOSK_METHODS, OPERATOR_METHODS, SECRET_PARAMS, dumps, loads
+from sscardd.jsonwire import dumps, loads
+from sscardd.kiosk import KIOSK_METHODS, OPERATOR_METHODS, SECRET_PARAMS
 
 DEFAULT_SOCKET = "/run/sscardd/kiosk.sock"
 MAX_ANSWER = 16 << 20

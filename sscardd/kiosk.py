@@ -98,7 +98,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import os
 import re
@@ -120,6 +119,7 @@ import structlog
 from apdu_specs.identifiers import IdentifierError, validate_ssn
 from sscardd.config import PIN_LEN_MAX, PIN_LEN_MIN, KioskConfig
 from sscardd.errors import SSCardError
+from sscardd.jsonwire import dumps, loads
 
 log = structlog.get_logger("sscardd.kiosk")
 
@@ -211,30 +211,7 @@ class RpcError(Exception):
         return out
 
 
-# --- framing and encoding --------------------------------------------------------------------------
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError("duplicate key")
-        out[k] = v
-    return out
-
-
-def _no_constant(_name: str) -> NoReturn:
-    raise ValueError("NaN and Infinity are not JSON")
-
-
-def loads(text: str) -> Any:
-    """Strict JSON: a repeated key or NaN/Infinity is a ValueError."""
-    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-
-
-def dumps(obj: Any) -> bytes:
-    """One line of UTF-8 JSON (Unicode not escaped; ``\\n`` cannot occur inside)."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+# --- framing and encoding (strict JSON: sscardd.jsonwire) -------------------------------------
 
 
 def response(rid: Any, result: Any) -> bytes:

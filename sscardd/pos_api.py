@@ -55,7 +55,6 @@ INTERNAL_ERROR reply, so money can never leave as a number.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -65,7 +64,7 @@ import structlog
 
 from apdu_specs import crypto
 from sscardd import address as addr
-from sscardd import broker
+from sscardd import broker, jsonwire
 from sscardd.config import PIN_LEN_MAX, PIN_LEN_MIN, Secret
 from sscardd.errors import SSCardError
 from sscardd.session import PinPolicy
@@ -554,23 +553,6 @@ def check_reply_topic(topic: object, terminal_id: str) -> str:
     return topic
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError("duplicate key")
-        out[k] = v
-    return out
-
-
-def _no_constant(_name: str) -> NoReturn:
-    raise ValueError("NaN and Infinity are not JSON")
-
-
-def _loads(text: str) -> Any:
-    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-
-
 def parse_request(payload: bytes, *, terminal_id: str, response_topic: str | None, max_payload: int,
                   allow_clear_pin: bool = False) -> PosRequest:
     """Parse and check one POS request; :class:`PosRequestRejected` on anything wrong, carrying the
@@ -597,7 +579,7 @@ def parse_request(payload: bytes, *, terminal_id: str, response_topic: str | Non
         except UnicodeDecodeError:
             _bad("", "the payload is not UTF-8")
         try:
-            doc = _loads(text)
+            doc = jsonwire.loads(text)
         except RecursionError:
             _bad("", "the JSON is nested too deeply")
         except ValueError:  # JSONDecodeError, duplicate keys, NaN, integers beyond the digit limit
@@ -658,21 +640,17 @@ def _check_json(v: Any, where: str = "result") -> None:
     raise TypeError(f"{where} holds a {type(v).__name__}")
 
 
-def _dumps(obj: Mapping[str, Any]) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
-
-
 def ok_reply(request_id: str | None, result: Mapping[str, Any]) -> bytes:
     """``{"id", "ok": true, "result"}``. TypeError on a result that is not plain JSON or holds a
     float; UnicodeEncodeError on text that is not valid Unicode."""
     if not isinstance(result, Mapping):
         raise TypeError("a result is a JSON object")
     _check_json(result)
-    return _dumps({"id": request_id, "ok": True, "result": dict(result)})
+    return jsonwire.dumps({"id": request_id, "ok": True, "result": dict(result)})
 
 
 def _internal_reply(request_id: str | None) -> bytes:
-    return _dumps({"id": request_id, "ok": False, "error": SSCardError("INTERNAL_ERROR").to_dict()})
+    return jsonwire.dumps({"id": request_id, "ok": False, "error": SSCardError("INTERNAL_ERROR").to_dict()})
 
 
 def error_reply(request_id: str | None, error: SSCardError) -> bytes:
@@ -681,7 +659,7 @@ def error_reply(request_id: str | None, error: SSCardError) -> bytes:
     try:
         body = error.to_dict()
         _check_json(body, "error")
-        return _dumps({"id": request_id, "ok": False, "error": body})
+        return jsonwire.dumps({"id": request_id, "ok": False, "error": body})
     except (TypeError, ValueError, UnicodeError) as exc:
         log.error("pos.error_reply_unencodable", code=error.code, error_type=type(exc).__name__)
         return _internal_reply(request_id)
@@ -724,7 +702,7 @@ def _stored_body(req: PosRequest, reply: Mapping[str, Any]) -> tuple[str, bytes]
         err = reply.get("error")
         code = "OK" if reply.get("ok") is True else str(err.get("code") if isinstance(err, Mapping) else "?")
         _check_json(reply, "stored reply")
-        body = _dumps({"id": req.id, **{k: v for k, v in reply.items() if k != "id"}})
+        body = jsonwire.dumps({"id": req.id, **{k: v for k, v in reply.items() if k != "id"}})
     except (TypeError, ValueError, UnicodeError, AttributeError) as exc:
         log.error("pos.stored_reply_unusable", op=req.op, request_id=req.id, error_type=type(exc).__name__)
         return "INTERNAL_ERROR", _internal_reply(req.id)
