@@ -47,6 +47,7 @@ from sscardd.errors import KINDS, SSCardError
 from sscardd.psam import PsamClient
 from sscardd.readers import open_reader
 from sscardd.readers.base import Reader
+from sscardd.readers.discover import find_card_reader, find_psam, pcsc_reader_names
 from sscardd.session import CardSession, PinPolicy
 
 log_ = structlog.get_logger("sscardd.cli")
@@ -142,48 +143,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _pcsc_readers() -> list[str]:
-    from sscardd.readers.pcsc import list_readers
-
-    return list_readers()
-
-
-async def _pick_card_reader(name: str | None) -> Reader:
-    if name:
-        return open_reader(name)
-    for candidate in _pcsc_readers():
-        reader = open_reader(candidate)
-        try:
-            if await reader.present() and (await CardSession(reader).status()).get("sscard"):
-                return reader
-        except SSCardError as exc:  # a mute or garbage card elsewhere must not stop the search
-            log_.info("skipping reader", reader=candidate, error=exc.code)
-        await reader.close()
-    raise SSCardError("NO_CARD", "no PC/SC reader holds a social security card")
-
-
-async def _pick_psam(name: str | None, card_reader: Reader) -> PsamClient | None:
-    if name:
-        client = PsamClient(open_reader(name))
-        await asyncio.to_thread(client.probe)
-        return client
-    try:
-        names = _pcsc_readers()
-    except SSCardError:
-        return None  # no pcscd: no PSAM to find
-    for candidate in names:
-        if candidate == card_reader.name:
-            continue
-        reader = open_reader(candidate)
-        client = PsamClient(reader)
-        try:
-            await asyncio.to_thread(client.probe)
-            return client
-        except SSCardError:
-            await reader.close()
-    return None
-
-
 def _read_pins(n: int, use_stdin: bool) -> list[str]:
     if use_stdin:
         lines = [sys.stdin.readline().rstrip("\r\n") for _ in range(n)]
@@ -203,9 +162,9 @@ def _print_error(exc: SSCardError, as_json: bool) -> None:
 
 
 async def _with_session(args: argparse.Namespace) -> tuple[CardSession, list[Reader]]:
-    card = await _pick_card_reader(args.reader)
+    card = await find_card_reader(args.reader)
     opened: list[Reader] = [card]
-    psam = await _pick_psam(args.psam_reader, card)
+    psam = await find_psam(args.psam_reader, exclude=[card.name])
     if psam is not None:
         opened.append(psam.reader)
     policy = PinPolicy(frozenset(args.initial_pin or ["123456"]))
@@ -214,7 +173,7 @@ async def _with_session(args: argparse.Namespace) -> tuple[CardSession, list[Rea
 
 async def cmd_readers(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
-    for name in _pcsc_readers():
+    for name in pcsc_reader_names():
         reader = open_reader(name)
         try:
             row: dict[str, Any] = {"reader": name, "card": await reader.present()}
