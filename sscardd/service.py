@@ -1050,10 +1050,7 @@ class Daemon:
             raise SSCardError("CARD_ON_HOLD") from None
         answer = await self._settle_message(entry.id, "2102", m2102, sale_input(1), opter)
         if not answer.ok:
-            err = answer.error()
-            await self._j(self.journal.mark_refused, entry.id, code=err.code, message=err.message,
-                          reply=error_reply_doc(err))
-            raise err
+            raise await self._refused(entry.id, answer)
         try:
             receipt, amounts = self._receipt(answer.output, info, auth.pin_verified, m2102, args.total_fen)
             setl_id = receipt["setl_id"]
@@ -1100,6 +1097,13 @@ class Daemon:
             await self._unknown(row_id, f"{infno}: answer not final ({answer.err_code})")
             raise SSCardError("OUTCOME_UNKNOWN")
         return answer
+
+    async def _refused(self, row_id: int, answer: B.Answer) -> SSCardError:
+        """A final refusal of the 2102/2103: the row is refused with it (synced); the error to raise."""
+        err = answer.error()
+        await self._j(self.journal.mark_refused, row_id, code=err.code, message=err.message,
+                      reply=error_reply_doc(err))
+        return err
 
     async def _unknown(self, row_id: int, reason: str) -> None:
         reversal = B.msgid(self.cfg.institution.code, B.KIND_REVERSAL, row_id)
@@ -1180,10 +1184,7 @@ class Daemon:
         opter = args.operator.id if args.operator is not None else self.terminal_id
         answer = await self._settle_message(entry.id, "2103", m2103, inp, opter)
         if not answer.ok:
-            err = answer.error()
-            await self._j(self.journal.mark_refused, entry.id, code=err.code, message=err.message,
-                          reply=error_reply_doc(err))
-            raise err
+            raise await self._refused(entry.id, answer)
         try:
             s = B.section(answer.output, "setlinfo")
             amounts = _amounts(s)
