@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -368,3 +368,32 @@ async def pos_messages(client: aiomqtt.Client, timeout: float = 5.0) -> aiomqtt.
 def lab_for(factory: MosquittoFactory, workdir: Path) -> SettleLab:
     mosq = factory("settle", terminals=tuple(TERMINALS))
     return SettleLab(mosq, workdir)
+
+
+def capture_requests(link: Any, infno: str) -> list[tuple[bytes, bytes]]:
+    """``(payload, Correlation Data)`` of every backend request with this ``infno`` the daemon's
+    link publishes from now on (it still publishes them): what a redelivery would carry."""
+    sent: list[tuple[bytes, bytes]] = []
+    original = link._publish_on
+    marker = f'"infno":"{infno}"'.encode()
+
+    async def observe(conn: Any, topic: str, payload: bytes, **kw: Any) -> bool:
+        if topic == link.request_topic and marker in payload:
+            sent.append((payload, kw["properties"].CorrelationData))
+        return bool(await original(conn, topic, payload, **kw))
+
+    link._publish_on = observe
+    return sent
+
+
+@contextlib.contextmanager
+def running_lab(factory: MosquittoFactory, workdir: Path) -> Iterator[SettleLab]:
+    """A broker provisioned for the seed's terminals and one backend on a fresh ledger, for the
+    block; both stopped afterwards."""
+    lab = lab_for(factory, workdir)
+    try:
+        lab.start_backend("b1", reset=True)
+        yield lab
+    finally:
+        lab.stop()
+        lab.mosq.stop()

@@ -45,8 +45,8 @@ from tests.daemon_lab import (
     Terminal,
     config_text,
     issue_images,
-    lab_for,
     pin_block,
+    running_lab,
 )
 from tests.emu import roots
 from tests.mqtt_harness import MosquittoFactory
@@ -64,13 +64,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def lab(mosquitto_factory: MosquittoFactory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SettleLab]:
-    lab = lab_for(mosquitto_factory, tmp_path_factory.mktemp("kiosk"))
-    lab.start_backend("b1", reset=True)
-    try:
+    with running_lab(mosquitto_factory, tmp_path_factory.mktemp("kiosk")) as lab:
         yield lab
-    finally:
-        lab.stop()
-        lab.mosq.stop()
 
 
 @pytest.fixture

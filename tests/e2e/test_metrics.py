@@ -29,7 +29,7 @@ from sscardd.journal import State
 from sscardd.kiosk import KioskServer
 from sscardd.metrics import Metrics
 from sscardd.readers.base import ReaderEvent, ReaderEventKind
-from tests.daemon_lab import GOOD, LI, ZHANG, A, B, SettleLab, Terminal, config_text, lab_for, pin_block
+from tests.daemon_lab import GOOD, LI, ZHANG, A, B, SettleLab, Terminal, config_text, pin_block, running_lab
 from tests.mqtt_harness import MosquittoFactory
 from tests.test_kiosk import Client
 
@@ -43,13 +43,8 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 @pytest.fixture(scope="module")
 def lab(mosquitto_factory: MosquittoFactory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SettleLab]:
-    lab = lab_for(mosquitto_factory, tmp_path_factory.mktemp("metrics"))
-    lab.start_backend("b1", reset=True)
-    try:
+    with running_lab(mosquitto_factory, tmp_path_factory.mktemp("metrics")) as lab:
         yield lab
-    finally:
-        lab.stop()
-        lab.mosq.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -33,8 +33,9 @@ from tests.daemon_lab import (
     B,
     SettleLab,
     Terminal,
-    lab_for,
+    capture_requests,
     pin_block,
+    running_lab,
 )
 from tests.mqtt_harness import MosquittoFactory
 
@@ -51,13 +52,8 @@ SUSPENDED_T, BLACKLISTED_T = "370213000001", "370211000001"
 
 @pytest.fixture(scope="module")
 def lab(mosquitto_factory: MosquittoFactory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SettleLab]:
-    lab = lab_for(mosquitto_factory, tmp_path_factory.mktemp("settle"))
-    lab.start_backend("b1", reset=True)
-    try:
+    with running_lab(mosquitto_factory, tmp_path_factory.mktemp("settle")) as lab:
         yield lab
-    finally:
-        lab.stop()
-        lab.mosq.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -288,15 +284,7 @@ async def test_the_same_request_delivered_to_two_backend_instances(lab: SettleLa
         async with lab.terminal(A, ZHANG) as t:
             assert t.daemon is not None
             link = t.daemon.link
-            sent: list[tuple[bytes, bytes]] = []
-            original = link._publish_on
-
-            async def observe(conn: Any, topic: str, payload: bytes, **kw: Any) -> bool:
-                if topic == link.request_topic and b'"infno":"2102"' in payload:
-                    sent.append((payload, kw["properties"].CorrelationData))
-                return await original(conn, topic, payload, **kw)
-
-            link._publish_on = observe  # type: ignore[method-assign]
+            sent = capture_requests(link, "2102")
             lab.faults.arm("hold_answer", infno="2102", terminal_id=A)
             task = asyncio.create_task(t.request("sale", sale(pin_block(GOOD, ZHANG.ssn), SMALL)))
             held = await asyncio.to_thread(lab.faults.wait_held, infno="2102")

@@ -28,10 +28,11 @@ from tests.daemon_lab import (
     B,
     DaemonProcess,
     SettleLab,
+    capture_requests,
     config_text,
     issue_images,
-    lab_for,
     pin_block,
+    running_lab,
 )
 from tests.e2e.test_settlement import SMALL, eventually, sale, settlement_state
 from tests.mqtt_harness import BACKEND, MosquittoFactory
@@ -41,13 +42,8 @@ pytestmark = pytest.mark.mosquitto
 
 @pytest.fixture
 def lab(mosquitto_factory: MosquittoFactory, tmp_path: Path) -> Iterator[SettleLab]:
-    lab = lab_for(mosquitto_factory, tmp_path)
-    lab.start_backend("b1", reset=True)
-    try:
+    with running_lab(mosquitto_factory, tmp_path) as lab:
         yield lab
-    finally:
-        lab.stop()
-        lab.mosq.stop()
 
 
 async def pos_send(lab: SettleLab, terminal_id: str, op: str, args: dict[str, Any], reply_topic: str,
@@ -209,15 +205,7 @@ async def test_an_unreadable_2102_answer_is_an_unknown_outcome(lab: SettleLab) -
     async with lab.terminal(A, ZHANG) as t:
         assert t.daemon is not None
         link = t.daemon.link
-        sent: list[tuple[bytes, bytes]] = []
-        original = link._publish_on
-
-        async def observe(conn: Any, topic: str, payload: bytes, **kw: Any) -> bool:
-            if topic == link.request_topic and b'"infno":"2102"' in payload:
-                sent.append((payload, kw["properties"].CorrelationData))
-            return await original(conn, topic, payload, **kw)
-
-        link._publish_on = observe  # type: ignore[method-assign]
+        sent = capture_requests(link, "2102")
         before = lab.balance(ZHANG.ssn)
         lab.faults.arm("hold_answer", infno="2102", terminal_id=A)
         task = asyncio.create_task(t.request("sale", sale(pin_block(GOOD, ZHANG.ssn), SMALL)))

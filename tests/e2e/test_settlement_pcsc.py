@@ -16,7 +16,7 @@ import pytest
 from firmware_sim.lab import VPCD_READERS, wait_card_state
 from sscardd import broker
 from sscardd.journal import State
-from tests.daemon_lab import GOOD, ZHANG, A, SettleLab, lab_for, pin_block
+from tests.daemon_lab import GOOD, ZHANG, A, SettleLab, pin_block, running_lab
 from tests.e2e.emulator import served_in_pcscd
 from tests.e2e.test_settlement import SMALL, eventually, last_row, row_state, sale
 from tests.mqtt_harness import MosquittoFactory
@@ -26,13 +26,8 @@ pytestmark = [pytest.mark.mosquitto, pytest.mark.usefixtures("pcscd")]
 
 @pytest.fixture(scope="module")
 def lab(mosquitto_factory: MosquittoFactory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SettleLab]:
-    lab = lab_for(mosquitto_factory, tmp_path_factory.mktemp("settle-pcsc"))
-    lab.start_backend("b1", reset=True)
-    try:
+    with running_lab(mosquitto_factory, tmp_path_factory.mktemp("settle-pcsc")) as lab:
         yield lab
-    finally:
-        lab.stop()
-        lab.mosq.stop()
 
 
 async def next_event(client: Any, kind: str, timeout: float = 10.0) -> dict[str, Any]:
