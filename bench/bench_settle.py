@@ -84,7 +84,7 @@ from apdu_specs import crypto, keyfile
 from apdu_specs.sale_auth import sale_challenge
 from backend_sim import seed as backend_seed
 from firmware_sim.image import CardImage, PsamImage
-from firmware_sim.lab import stop_process, tail_file
+from firmware_sim.lab import stop_process, tail_file, wait_listening
 from firmware_sim.loader import load_card, load_psam
 from firmware_sim.personalise import CardParams, Holder, default_card_no, default_ssn, issue_card, issue_psam
 from firmware_sim.psam import Psam
@@ -223,16 +223,11 @@ class Mosquitto:
                              "log_type notice\n")
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = start_helper([exe, "-c", str(self.conf)], log=self._log)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with socket.create_connection((HOST, self.port), timeout=0.5):
-                    return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise BrokerUnavailable(f"mosquitto did not start{tail_file(self.log_path)}") from None
-                time.sleep(0.02)
+        try:
+            wait_listening(self.proc, HOST, self.port, timeout=timeout, log_path=self.log_path)
+        except TimeoutError as exc:
+            self.stop()
+            raise BrokerUnavailable(f"mosquitto did not start: {exc}") from None
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None

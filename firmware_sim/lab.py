@@ -21,6 +21,7 @@ import ctypes
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -240,6 +241,22 @@ def card_process(
         yield proc
     finally:
         stop_process(proc)
+
+
+def wait_listening(proc: subprocess.Popen[bytes], host: str, port: int, *, timeout: float = 10.0,
+                   log_path: Path | None = None) -> None:
+    """Wait until ``proc`` accepts TCP connections on ``host:port``; ``TimeoutError`` (with the tail
+    of its log) if it exits or does not listen in time. The caller stops it then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = tail_file(log_path) if log_path is not None else ""
+                raise TimeoutError(f"{proc.args!r} is not listening on {host}:{port}{tail}") from None
+            time.sleep(0.02)
 
 
 def tail_file(path: Path, lines: int = 15) -> str:

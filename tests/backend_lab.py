@@ -29,7 +29,7 @@ from typing import IO, Any, Protocol
 import aiomqtt
 from paho.mqtt.properties import Properties
 
-from firmware_sim.lab import start_process, stop_process, tail_file
+from firmware_sim.lab import start_process, stop_process, tail_file, wait_listening
 from sscardd.mqtt import publish_properties
 
 HOST = "127.0.0.1"
@@ -78,16 +78,11 @@ class PlainMosquitto:
                              "log_type notice\nlog_type information\n")
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = start_process([exe, "-c", str(self.conf)], log=self._log)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with socket.create_connection((HOST, self.port), timeout=0.5):
-                    return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise BrokerUnavailable(f"mosquitto did not start{tail_file(self.log_path)}") from None
-                time.sleep(0.02)
+        try:
+            wait_listening(self.proc, HOST, self.port, timeout=timeout, log_path=self.log_path)
+        except TimeoutError as exc:
+            self.stop()
+            raise BrokerUnavailable(f"mosquitto did not start: {exc}") from None
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
